@@ -1,0 +1,187 @@
+"""Discovery on a torch.fx graph: symbolic tracing (static, independent of the input values).
+
+BN-like modules and Conv/Linear modules are kept as leaves, so a BN subclass with its own ``forward``
+stays one node. ``F.batch_norm`` calls whose statistics are module attributes show up as
+``call_function`` nodes reading ``get_attr`` nodes, and fold too.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from bnfold.discover.graph import Discovery, Node, pair
+from bnfold.layers import BNRef, LayerRef, bn_ref, is_bn_module, producer_ref
+
+_aten = torch.ops.aten
+# Argument names of each BatchNorm call, positionally: Python's F.batch_norm and aten's differ.
+_F_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_ATEN_BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+_ATEN_BN_INFER_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps")
+_BN_CALLS: dict[Any, tuple[str, ...]] = {
+    F.batch_norm: _F_BN_ARGS,
+    torch.batch_norm: _ATEN_BN_ARGS,
+    _aten.batch_norm.default: _ATEN_BN_ARGS,
+    _aten._native_batch_norm_legit_no_training.default: _ATEN_BN_INFER_ARGS,  # returns (out, mean, invstd)
+}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
+                     "groups")
+_LAYER_CALLS: dict[Any, tuple[str, tuple[str, ...]]] = {
+    F.linear: ("linear", ("input", "weight", "bias")),
+    _aten.linear.default: ("linear", ("input", "weight", "bias")),
+    **{f: ("conv", _CONV_ARGS) for f in (F.conv1d, F.conv2d, F.conv3d, _aten.conv1d.default, _aten.conv2d.default,
+                                          _aten.conv3d.default)},
+    **{f: ("conv_transpose", _CONV_T_ARGS) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                                                      _aten.conv_transpose1d.default, _aten.conv_transpose2d.input,
+                                                      _aten.conv_transpose3d.input)},
+    _aten.convolution.default: ("convolution", _CONVOLUTION_ARGS),
+}
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_bn_module(m) or producer_ref(qualname, m) is not None or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model``; raises whatever torch.fx raises for untraceable code."""
+    graph = _LeafTracer().trace(model)
+    return fx.GraphModule(model, graph)
+
+
+def discover(model: nn.Module, example_inputs: tuple[Any, ...]) -> Discovery:
+    gm = trace(model)
+    ShapeProp(gm).propagate(*example_inputs)
+    return pair(graph_nodes(gm, model), "fx")
+
+
+def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
+    """Translate ``gm.graph`` into pairing nodes; ``root`` resolves module paths."""
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    nodes: dict[int, Node] = {}
+    for fx_node in gm.graph.nodes:
+        if fx_node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        node = Node(key=index[fx_node], label=_label(fx_node))
+        if fx_node.op == "call_module":
+            module = root.get_submodule(fx_node.target)
+            node.calls = calls[fx_node.target]
+            if is_bn_module(module):
+                node.bn = bn_ref(fx_node.target, module)
+            else:
+                node.layer = producer_ref(fx_node.target, module)
+        elif fx_node.target in _BN_CALLS:
+            node.bn = functional_bn_ref(fx_node)
+        elif fx_node.target in _LAYER_CALLS:
+            node.layer = functional_layer_ref(fx_node)
+        if fx_node.op == "call_function" and (node.bn or node.layer) is not None:
+            node.label = (node.bn or node.layer).name
+        data = fx_node.args[0] if fx_node.args else None
+        if isinstance(data, fx.Node):
+            node.input = index[data] if data.op not in ("placeholder", "get_attr") else None
+            node.in_rank = _rank(data)
+        data_out = bn_output(fx_node) if node.bn is not None else fx_node
+        node.users = [index[u] for u in data_out.users if u.op != "output" and _is_tensor(u)]
+        node.is_output = any(u.op == "output" for u in data_out.users)
+        nodes[node.key] = node
+    # A getitem that unpacks a BN's tuple is part of the BN: its users already count as the BN's.
+    for fx_node in gm.graph.nodes:
+        if fx_node.target in _BN_CALLS and bn_output(fx_node) is not fx_node:
+            item = index[bn_output(fx_node)]
+            nodes.pop(item, None)
+            for n in nodes.values():
+                if n.input == item:
+                    n.input = index[fx_node]
+    return nodes
+
+
+def bn_output(fx_node: fx.Node) -> fx.Node:
+    """The node carrying a BN call's normalised output (``getitem(bn, 0)`` for tuple-returning ops)."""
+    if fx_node.target is not _aten._native_batch_norm_legit_no_training.default:
+        return fx_node
+    items = [u for u in fx_node.users if u.target is operator.getitem and u.args[1] == 0]
+    return items[0] if len(items) == 1 else fx_node
+
+
+def _bound(fx_node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    args = dict(zip(names, fx_node.args))
+    args.update(fx_node.kwargs)
+    return args
+
+
+def _attr_path(value: Any) -> str | None:
+    return value.target if isinstance(value, fx.Node) and value.op == "get_attr" else None
+
+
+def functional_layer_ref(fx_node: fx.Node) -> LayerRef | None:
+    """A conv/linear call whose weight (and bias, if any) are attributes of the root."""
+    kind, names = _LAYER_CALLS[fx_node.target]
+    args = _bound(fx_node, names)
+    weight = _attr_path(args.get("weight"))
+    bias = args.get("bias")
+    if weight is None or (bias is not None and _attr_path(bias) is None):
+        return None  # computed weights cannot absorb anything
+    if kind == "convolution":
+        kind = "conv_transpose" if args.get("transposed") else "conv"
+    padding = args.get("padding", 0)
+    padded = (padding not in ("valid",)) if isinstance(padding, str) else any(
+        p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
+    return LayerRef(name=weight.rpartition(".")[0] or weight, kind=kind, weight=weight, bias=_attr_path(bias),
+                    groups=int(args.get("groups", 1)), padded=kind == "conv" and padded)
+
+
+def functional_bn_ref(fx_node: fx.Node) -> BNRef:
+    """A batch-norm call (Python's ``F.batch_norm`` or an aten op) reading the root's attributes."""
+    args = _bound(fx_node, _BN_CALLS[fx_node.target])
+    paths = {k: _attr_path(args.get(k)) for k in ("running_mean", "running_var", "weight", "bias")}
+    training = args.get("training", False)
+    eps = args.get("eps", 1e-5)
+    fixed = paths["running_mean"] is not None and paths["running_var"] is not None
+    owner = (paths["running_mean"] or fx_node.name).rpartition(".")[0] or fx_node.name
+    return BNRef(
+        name=owner,
+        mean=paths["running_mean"],
+        var=paths["running_var"],
+        weight=paths["weight"],
+        bias=paths["bias"],
+        eps=float(eps) if isinstance(eps, (int, float)) else 1e-5,
+        plain=True,
+        batch_stats=not fixed or training is not False or not isinstance(eps, (int, float)),
+    )
+
+
+def _label(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return str(n.target)
+    if n.op == "call_method":
+        return f"Tensor.{n.target}"
+    return getattr(n.target, "__name__", str(n.target))
+
+
+def _tensor_meta(n: fx.Node) -> Any:
+    return n.meta.get("tensor_meta", n.meta.get("val"))
+
+
+def _is_tensor(n: fx.Node) -> bool:
+    """Whether ``n`` yields tensor data (``x.size()`` and friends are not data uses)."""
+    if "tensor_meta" in n.meta:
+        return True
+    if "val" in n.meta:
+        val = n.meta["val"]
+        return isinstance(val, torch.Tensor) or (isinstance(val, (tuple, list)) and any(
+            isinstance(v, torch.Tensor) for v in val))
+    return "type" not in n.meta  # nothing recorded: count it, to stay on the safe side
+
+
+def _rank(n: fx.Node) -> int | None:
+    meta = _tensor_meta(n)
+    return len(meta.shape) if hasattr(meta, "shape") else None

@@ -1,0 +1,157 @@
+"""Discovery by observing one forward pass: for models that torch.fx cannot trace.
+
+Hooks on the BN and Conv/Linear modules and a ``TorchFunctionMode`` that sees every other torch call record
+which tensor each operation produced and who read it. The result is the dataflow of *this* forward pass:
+control flow that depends on the input may take other paths on other inputs, so every fold found this way
+is checked numerically afterwards (see :mod:`bnfold.fuse`) and reverted if it changes the outputs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from bnfold.discover.graph import Discovery, Fold, Node, Skip, pair
+from bnfold.layers import BNRef, bn_ref, is_bn_module, producer_ref
+
+_FUNCTIONAL_BN = {F.batch_norm, torch.batch_norm}
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+class _Observer(TorchFunctionMode):
+    """Builds pairing nodes while the model runs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.nodes: dict[int, Node] = {}
+        self.producer_of: dict[int, int] = {}  # id(tensor) -> node key
+        self.keep_alive: list[torch.Tensor] = []  # ids stay unique while we hold the tensors
+        self.active: tuple[nn.Module, int] | None = None  # the leaf module call in progress
+        self.paths = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        self.leaves: dict[int, tuple[str, Any]] = {}
+        for name, module in model.named_modules():
+            if is_bn_module(module):
+                self.leaves[id(module)] = (name, bn_ref(name, module))
+            elif (layer := producer_ref(name, module)) is not None:
+                self.leaves[id(module)] = (name, layer)
+
+    # -- node bookkeeping ------------------------------------------------------------------------------
+    def _add(self, label: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> Node:
+        node = Node(key=len(self.nodes), label=label)
+        for i, t in enumerate(inputs):
+            src = self.producer_of.get(id(t))
+            if i == 0:
+                node.input = src
+                node.in_rank = t.dim()
+            if src is not None and node.key not in self.nodes[src].users:
+                self.nodes[src].users.append(node.key)
+        for t in outputs:
+            self.producer_of[id(t)] = node.key
+        self.keep_alive.extend(inputs + outputs)
+        self.nodes[node.key] = node
+        return node
+
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.active is None and id(module) in self.leaves:
+            self.active = (module, len(self.keep_alive))
+            self._pending_inputs = _tensors(args)[:1]
+
+    def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.active is None or self.active[0] is not module:
+            return
+        self.active = None
+        name, ref = self.leaves[id(module)]
+        node = self._add(name, self._pending_inputs, _tensors(output))
+        if isinstance(ref, BNRef):
+            node.bn = ref
+        else:
+            node.layer = ref
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.active is None:
+            outputs = _tensors(out)
+            if outputs:
+                node = self._add(getattr(func, "__name__", str(func)), _tensors((args, kwargs)), outputs)
+                if func in _FUNCTIONAL_BN:
+                    node.bn = self._functional_bn(args, kwargs)
+        return out
+
+    def _functional_bn(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BNRef:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        paths = {k: self.paths.get(id(bound.get(k))) for k in ("running_mean", "running_var", "weight", "bias")}
+        fixed = paths["running_mean"] is not None and paths["running_var"] is not None
+        return BNRef(
+            name=(paths["running_mean"] or "batch_norm").rpartition(".")[0] or "batch_norm",
+            mean=paths["running_mean"],
+            var=paths["running_var"],
+            weight=paths["weight"],
+            bias=paths["bias"],
+            eps=float(bound.get("eps", 1e-5)),
+            batch_stats=not fixed or bool(bound.get("training", False)),
+        )
+
+
+def observe(model: nn.Module, example_inputs: tuple[Any, ...]) -> Discovery:
+    """Pair BNs from the dataflow of one forward pass on ``example_inputs``."""
+    observer = _Observer(model)
+    handles = []
+    for module in model.modules():
+        if id(module) in observer.leaves:
+            handles.append(module.register_forward_pre_hook(observer.pre_hook))
+            handles.append(module.register_forward_hook(observer.post_hook))
+    try:
+        with torch.no_grad(), observer:
+            output = model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    nodes = observer.nodes
+    for t in _tensors(output):
+        if (key := observer.producer_of.get(id(t))) is not None:
+            nodes[key].is_output = True
+
+    def name(n: Node) -> str | None:
+        return n.bn.name if n.bn is not None else n.layer.name if n.layer is not None else None
+
+    calls = Counter(name(n) for n in nodes.values())
+    for n in nodes.values():
+        if name(n) is not None:
+            n.calls = calls[name(n)]
+    return pair(nodes, "observed")
+
+
+def discover(model: nn.Module, input_draws: list[tuple[Any, ...]]) -> Discovery:
+    """Observe several forward passes and keep only what every pass that ran a BN agrees on.
+
+    Different inputs can take different branches: a BN seen in one pass only is paired from that pass; a
+    BN paired differently by two passes, or skipped by any, is not folded.
+    """
+    folds: dict[str, Fold] = {}
+    skips: dict[str, Skip] = {}
+    for inputs in input_draws:
+        found = observe(model, inputs)
+        for skip in found.skips:
+            skips.setdefault(skip.bn, skip)
+        for fold in found.folds:
+            earlier = folds.setdefault(fold.bn.name, fold)
+            if earlier != fold:
+                skips.setdefault(fold.bn.name, Skip(fold.bn.name, f"pairs with {earlier.layer.name} on one input and "
+                                                                  f"{fold.layer.name} on another"))
+    return Discovery(
+        folds=[f for name, f in folds.items() if name not in skips],
+        skips=list(skips.values()),
+        method="observed",
+    )

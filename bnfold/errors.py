@@ -1,0 +1,43 @@
+"""One exception family for everything a user can trigger.
+
+Every error carries a one-line message with the actual values and, where there is one, a hint that names
+the flag or step that fixes it. The CLI prints ``error: <message>`` and ``Note: <hint>`` and exits 2.
+"""
+
+from __future__ import annotations
+
+
+class BnfoldError(Exception):
+    """Base class: a problem with the user's input that bnfold can explain."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\nNote: {self.hint}"
+
+
+class LoadError(BnfoldError):
+    """The model file cannot be read, is of an unknown format, or does not match the architecture."""
+
+
+class UnsafePickleError(LoadError):
+    """A whole pickled module was refused because loading it would run code from the file."""
+
+
+class ArchError(LoadError):
+    """``--arch module:factory`` cannot be imported or called."""
+
+
+class InputSpecError(BnfoldError):
+    """Input shapes are missing or malformed."""
+
+
+class ModelRunError(BnfoldError):
+    """The model raised while running on the example inputs."""
+
+
+class OutputError(BnfoldError):
+    """The output path cannot be written."""

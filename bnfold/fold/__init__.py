@@ -1,0 +1,1 @@
+"""Folding: the math (pure, float64) and its application to models."""

@@ -1,0 +1,161 @@
+"""The folding math, stated once. Pure functions of tensors: no modules, no files.
+
+Inference-mode BatchNorm is a per-channel affine map::
+
+    BN(z) = gamma * (z - mean) / sqrt(var + eps) + beta  =  s * z + t,
+    s = gamma / sqrt(var + eps),   t = beta - s * mean.
+
+*BN after a producer* ``y = W x + b`` (Conv, ConvTranspose, Linear) scales the producer's output channels::
+
+    BN(W x + b) = (s * W) x + (s * (b - mean) + beta)
+
+*BN before a consumer* ``y = W z + b`` (Linear, or a Conv that pads nothing) scales its input channels::
+
+    W (s * z + t) + b = (W * s) z + (W t + b)
+
+The second form is exact only when every output sees every input element through the same weights: a
+padded Conv sees padded zeros that were never normalised, so it is not folded.
+
+Only the position of the channel axis varies between layer kinds: output channels are axis 0 of a Conv or
+Linear weight and axis 1 of a ConvTranspose weight (``(in, out/groups, *k)``), input channels the reverse.
+With ``groups > 1`` the channel index is split into ``(group, channel-in-group)``; :func:`_channel_view`
+handles that once for every case.
+
+Precision: everything is computed in float64 and cast back to the weight's dtype recorded on entry, so fp16
+and bf16 weights lose no more than one rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class BNParams:
+    """Inference statistics of one BatchNorm. ``gamma``/``beta`` are None when ``affine=False``."""
+
+    mean: Tensor
+    var: Tensor
+    eps: float
+    gamma: Tensor | None = None
+    beta: Tensor | None = None
+
+    @property
+    def num_features(self) -> int:
+        return int(self.mean.numel())
+
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """``(s, t)`` in float64 so that ``BN(z) = s * z + t``."""
+        mean = self.mean.detach().to(torch.float64)
+        var = self.var.detach().to(torch.float64)
+        gamma = torch.ones_like(mean) if self.gamma is None else self.gamma.detach().to(torch.float64)
+        beta = torch.zeros_like(mean) if self.beta is None else self.beta.detach().to(torch.float64)
+        s = gamma / torch.sqrt(var + self.eps)
+        return s, beta - s * mean
+
+
+def _grouped(weight: Tensor, vector: Tensor, channel_axis: int, groups: int) -> tuple[Tensor, Tensor]:
+    """View ``weight`` as ``(groups, d0/groups, d1, *k)`` and ``vector`` so it broadcasts on ``channel_axis``.
+
+    Torch stacks groups along weight axis 0 for Conv (``(out, in/groups, *k)``) and ConvTranspose
+    (``(in, out/groups, *k)``) alike, so a channel on axis 0 is ``c = g * d0/groups + i`` and a channel
+    on axis 1 is ``c = g * d1 + j``. One reshape covers both (and ``groups == 1``).
+    """
+    d0, d1 = weight.shape[0], weight.shape[1]
+    view = weight.reshape(groups, d0 // groups, d1, *weight.shape[2:])
+    shape = [groups, 1, 1] + [1] * (weight.dim() - 2)
+    shape[1 + channel_axis] = view.shape[1 + channel_axis]
+    return view, vector.reshape(shape)
+
+
+def _scale_channels(weight64: Tensor, scale: Tensor, channel_axis: int, groups: int) -> Tensor:
+    """Multiply ``weight64`` by ``scale`` along its channel axis (groups aware)."""
+    view, scale = _grouped(weight64, scale, channel_axis, groups)
+    return (view * scale).reshape(weight64.shape)
+
+
+def fold_bn_after(
+    weight: Tensor,
+    bias: Tensor | None,
+    bn: BNParams,
+    *,
+    channel_axis: int = 0,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Fold a BN that follows a producer ``y = W x + b`` into the producer's weight and bias.
+
+    ``channel_axis`` is the producer weight's output-channel axis: 0 for Conv/Linear, 1 for
+    ConvTranspose (then ``groups`` splits axis 0 into groups). Returns ``(weight, bias)`` in the
+    weight's dtype.
+    """
+    dtype = weight.dtype
+    out_channels = weight.shape[channel_axis] * (groups if channel_axis == 1 else 1)
+    if out_channels != bn.num_features:
+        raise ValueError(
+            f"producer has {out_channels} output channels but the BatchNorm has {bn.num_features} features"
+        )
+    s, t = bn.scale_shift()
+    w64 = weight.detach().to(torch.float64)
+    b64 = torch.zeros_like(s) if bias is None else bias.detach().to(torch.float64)
+    new_w = _scale_channels(w64, s, channel_axis, groups)
+    new_b = s * b64 + t  # = s * (b - mean) + beta
+    return new_w.to(dtype), new_b.to(dtype)
+
+
+def fold_bn_before(
+    weight: Tensor,
+    bias: Tensor | None,
+    bn: BNParams,
+    *,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Fold a BN that precedes a consumer ``y = W z + b`` (Linear, or a Conv without padding).
+
+    The consumer weight's input-channel axis is 1 (``(out, in/groups, *k)``). Returns ``(weight, bias)``
+    in the weight's dtype.
+    """
+    dtype = weight.dtype
+    in_channels = weight.shape[1] * groups
+    if in_channels != bn.num_features:
+        raise ValueError(
+            f"consumer has {in_channels} input channels but the BatchNorm has {bn.num_features} features"
+        )
+    s, t = bn.scale_shift()
+    w64 = weight.detach().to(torch.float64)
+    b64 = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    new_w = _scale_channels(w64, s, 1, groups)
+    # W t: every output channel sums its weights against the constant shift of its input channels.
+    view, shift = _grouped(w64, t, 1, groups)
+    contribution = (view * shift).flatten(2).sum(-1).reshape(-1)
+    return new_w.to(dtype), (b64 + contribution).to(dtype)
+
+
+def identity_statistics(num_features: int, eps: float, dtype: torch.dtype, shift: Tensor | None = None) -> BNParams:
+    """Statistics that make a BatchNorm compute ``z + shift`` (``z`` when ``shift`` is None).
+
+    Used where a BN cannot be removed from the graph (TorchScript, a functional call in ``forward``, a
+    state dict that must keep its architecture): the folded scale lives in the producer and the BN is
+    neutralised. BatchNorm kernels compute ``var + eps`` in float32 (float64 for double tensors), so
+    ``var`` is the value whose sum with ``eps`` rounds to exactly 1 there: the BN is then an exact
+    identity in fp32/fp64, and within one rounding of the stored value in fp16/bf16.
+    """
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    one = torch.ones((), dtype=compute)
+    eps_t = torch.tensor(eps, dtype=compute)
+    var = one - eps_t
+    for _ in range(8):  # at most a couple of ulps away
+        total = var + eps_t
+        if total == one:
+            break
+        var = torch.nextafter(var, torch.tensor(2.0 if total < one else 0.0, dtype=compute))
+    zeros = torch.zeros(num_features, dtype=dtype)
+    return BNParams(
+        mean=zeros.clone(),
+        var=torch.full((num_features,), float(var), dtype=compute).to(dtype),
+        eps=eps,
+        gamma=torch.ones(num_features, dtype=dtype),
+        beta=zeros.clone() if shift is None else shift.detach().to(dtype).clone(),
+    )

@@ -1,0 +1,612 @@
+#!/usr/bin/env python
+"""Benchmark ``bnfold.fuse``: latency of the folded model, fold time and peak memory.
+
+For every reference model (``models.zoo.REFERENCE_MODELS``) and ``resnet50`` this measures
+CPU eager latency (``torch.no_grad``, eval) at batch 1 and 8 of four variants:
+
+* ``unfolded``: the eval model as built by ``zoo.build``;
+* ``folded``: ``bnfold.fuse(model, (x,)).model``;
+* ``fx-fuse``: ``torch.fx.experimental.optimization.fuse(model)`` ("n/a" where fx cannot trace);
+* ``bound``: a copy with every BatchNorm-like module replaced by ``nn.Identity`` (or, for BN
+  subclasses that apply an activation through ``act``/``activation``, by that activation). This
+  is *not* numerically equivalent to the model; it only bounds what folding can achieve.
+
+Variants are timed in interleaved rounds (each round times every variant once, in a rotating
+order) and the median per variant is reported. Each sample times ``number`` consecutive calls
+(calibrated so one sample lasts about ``--sample-ms``) and divides.
+
+Fold time is the wall time of ``bnfold.fuse`` (median of ``--fuse-repeats`` calls in this process,
+so one-off import/first-trace costs are excluded; the cold first call is measured in the memory
+subprocess) with ``result.timings`` (discover / fold / compare).
+
+Peak memory: each model is fused once in a fresh subprocess (this script with a hidden flag);
+``ru_maxrss`` is read after building the model and after ``fuse``; the increase is reported
+relative to the model's parameter + buffer bytes.
+
+If CUDA is available, GPU latency (fp32 and fp16, batch 1 and 64, CUDA events) is measured too.
+
+Only measurement lives here; all folding logic is bnfold's.
+
+Usage::
+
+    python scripts/bench_fuse.py                       # everything, a few minutes on 2 cores
+    python scripts/bench_fuse.py --models resnet50 --repeats 40 --json out/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import bnfold  # noqa: E402
+from models import zoo  # noqa: E402
+
+VARIANTS = ("unfolded", "folded", "fx-fuse", "bound")
+CPU_BATCHES = (1, 8)
+GPU_BATCHES = (1, 64)
+TARGET_BOUND_PCT = 3.0
+TARGET_FOLD_S = 1.0
+TARGET_MEM_X = 2.0
+
+
+# --------------------------------------------------------------------------------------------- variants
+
+
+def is_bn_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(module).__name__
+
+
+def bn_stand_in(module: nn.Module) -> nn.Module:
+    """What the lower bound puts where a BN was: its activation if it applies one, else Identity."""
+    overrides_forward = isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward not in (
+        nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward, nn.SyncBatchNorm.forward,
+        nn.modules.batchnorm._BatchNorm.forward)
+    for attr in ("act", "activation"):
+        act = getattr(module, attr, None)
+        if isinstance(act, nn.Module) and (overrides_forward or not isinstance(module, nn.modules.batchnorm._BatchNorm)):
+            return copy.deepcopy(act)
+    return nn.Identity()
+
+
+def lower_bound_model(model: nn.Module) -> tuple[nn.Module, int]:
+    """A deepcopy with every BN-like module swapped for Identity/its activation; returns (model, count)."""
+    bound = copy.deepcopy(model).eval()
+    targets = [name for name, m in bound.named_modules() if name and is_bn_like(m)]
+    # Replace outermost first; a BN nested inside a replaced BN disappears with it.
+    replaced = 0
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = bound.get_submodule(parent_name) if parent_name else bound
+            module = getattr(parent, child)
+        except AttributeError:
+            continue
+        if not is_bn_like(module):
+            continue
+        setattr(parent, child, bn_stand_in(module))
+        replaced += 1
+    return bound, replaced
+
+
+def fx_fuse_model(model: nn.Module) -> tuple[nn.Module | None, str]:
+    try:
+        from torch.fx.experimental.optimization import fuse as fx_fuse
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = fx_fuse(copy.deepcopy(model).eval())
+        return fused.eval(), "ok"
+    except Exception as exc:  # untraceable models
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"n/a ({type(exc).__name__}: {first[:100]})"
+
+
+def leaves(output: Any) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+@torch.no_grad()
+def max_abs_diff(reference: nn.Module, other: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(max |other - reference|, max |reference|) over all output tensors."""
+    ref, out = leaves(reference(x)), leaves(other(x))
+    diff = max(float((a.double() - b.double()).abs().max()) for a, b in zip(ref, out))
+    scale = max(float(a.double().abs().max()) for a in ref)
+    return diff, scale
+
+
+def param_bytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def input_for(spec: zoo.ModelSpec, batch: int, seed: int = 0, device: str = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + batch)
+    x = torch.randn((batch, *spec.input_shape[1:]), generator=g)
+    return x.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def rounds_for(est_round_s: float, repeats: int, max_case_s: float, min_rounds: int) -> int:
+    if est_round_s <= 0:
+        return repeats
+    return max(min(repeats, min_rounds), min(repeats, int(max_case_s / est_round_s)))
+
+
+@torch.no_grad()
+def bench_cpu(fns: dict[str, Callable[[], Any]], repeats: int, sample_s: float, warmup: int,
+              max_case_s: float, min_rounds: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds per call for each fn, measured in interleaved rounds."""
+    names = list(fns)
+    for name in names:  # warm-up (oneDNN primitive caches, allocator, thread pool)
+        for _ in range(warmup):
+            fns[name]()
+    # Calibrate a common number of calls per sample on the slowest variant.
+    single = {}
+    for name in names:
+        t0 = time.perf_counter()
+        fns[name]()
+        single[name] = time.perf_counter() - t0
+    slowest = max(single.values())
+    number = max(1, math.ceil(sample_s / max(slowest, 1e-7)))
+    rounds = rounds_for(number * sum(single.values()), repeats, max_case_s, min_rounds)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                fn = fns[name]
+                t0 = time.perf_counter()
+                for _ in range(number):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / number)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    med = {n: statistics.median(v) for n, v in samples.items()}
+    spread = {n: (min(v), max(v)) for n, v in samples.items()}
+    return med, {"rounds": rounds, "number": number, "min_max_s": spread}
+
+
+@torch.no_grad()
+def bench_cuda(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, number: int = 10) -> dict[str, float]:
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(number):
+                fns[name]()
+            end.record()
+            torch.cuda.synchronize()
+            samples[name].append(start.elapsed_time(end) / 1000.0 / number)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+# --------------------------------------------------------------------------------------------- memory child
+
+
+def rss_now_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def maxrss_kb() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb // 1024 if sys.platform == "darwin" else kb  # macOS reports bytes
+
+
+def memory_child(name: str) -> dict[str, Any]:
+    """Runs in a fresh process: build the model, then fuse it once, tracking the RSS high-water mark."""
+    spec = zoo.get_spec(name)
+    model = zoo.build(name)
+    x = input_for(spec, spec.input_shape[0])
+    gc.collect()
+    hw_build, cur_build = maxrss_kb(), rss_now_kb()
+    with torch.no_grad():  # one plain forward pass, for context: what inference alone costs
+        model(x)
+    hw_forward = maxrss_kb()
+    t0 = time.perf_counter()
+    result = bnfold.fuse(model, (x,))
+    total = time.perf_counter() - t0
+    hw_fuse = maxrss_kb()
+    return {
+        "param_bytes": param_bytes(model),
+        "maxrss_build_kb": hw_build,
+        "rss_build_kb": cur_build,
+        "maxrss_forward_kb": hw_forward,
+        "maxrss_fuse_kb": hw_fuse,
+        "cold_fuse_total_s": total,
+        "cold_fuse_timings": dict(result.timings),
+        "ok": result.ok,
+    }
+
+
+def measure_memory(name: str, threads: int) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", name, "--threads", str(threads)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=600)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("@@MEM@@"):
+            mem = json.loads(line[len("@@MEM@@"):])
+            pb = mem["param_bytes"]
+            mem["fuse_increase_kb"] = mem["maxrss_fuse_kb"] - mem["maxrss_build_kb"]
+            mem["fuse_over_forward_kb"] = mem["maxrss_fuse_kb"] - mem["maxrss_forward_kb"]
+            mem["x_params"] = mem["fuse_increase_kb"] * 1024 / pb if pb else float("nan")
+            mem["x_params_after_forward"] = mem["fuse_over_forward_kb"] * 1024 / pb if pb else float("nan")
+            return mem
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"memory subprocess failed (rc {proc.returncode}): {tail}"}
+
+
+# --------------------------------------------------------------------------------------------- per model
+
+
+def fuse_timed(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[Any, dict[str, Any]]:
+    runs = []
+    result = None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        result = bnfold.fuse(model, (x,))
+        runs.append((time.perf_counter() - t0, dict(result.timings)))
+    runs.sort(key=lambda r: r[0])
+    total, timings = runs[len(runs) // 2]  # the median run
+    df = timings.get("discover", 0.0) + timings.get("fold", 0.0)
+    return result, {"total_s": total, "discover_fold_s": df, "timings": timings,
+                    "all_totals_s": sorted(r[0] for r in runs)}
+
+
+def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    spec = zoo.get_spec(name)
+    model = zoo.build(name)
+    x_fuse = input_for(spec, spec.input_shape[0])
+    entry: dict[str, Any] = {
+        "name": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "param_bytes": param_bytes(model),
+        "traceable": spec.traceable,
+        "fuse_input_shape": list(spec.input_shape),
+    }
+
+    try:
+        result, fold_time = fuse_timed(model, x_fuse, args.fuse_repeats)
+    except Exception as exc:
+        entry["error"] = f"bnfold.fuse raised {type(exc).__name__}: {exc}"
+        log(f"[{name}] {entry['error']}")
+        return entry
+    folded = result.model
+    entry["bnfold"] = {
+        "ok": result.ok,
+        "discovery": result.discovery,
+        "folded": len(result.folded),
+        "skipped": [{"bn": s.bn if isinstance(s.bn, str) else getattr(s.bn, "name", str(s.bn)), "reason": s.reason}
+                    for s in result.skipped],
+        "notes": list(result.notes),
+        **fold_time,
+    }
+    fx_model, fx_status = fx_fuse_model(model)
+    bound, n_bn = lower_bound_model(model)
+    entry["fx_fuse"] = fx_status
+    entry["bn_like_modules_replaced_in_bound"] = n_bn
+    log(f"[{name}] fuse ok={result.ok} folded={len(result.folded)} skipped={len(result.skipped)} "
+        f"fold={fold_time['discover_fold_s']:.3f}s total={fold_time['total_s']:.3f}s; fx-fuse: {fx_status}")
+
+    variants: dict[str, nn.Module] = {"unfolded": model, "folded": folded, "bound": bound}
+    if fx_model is not None:
+        variants["fx-fuse"] = fx_model
+
+    entry["cpu"] = []
+    repeats = args.repeats
+    for batch in CPU_BATCHES:
+        x = input_for(spec, batch)
+        parity = {}
+        for label in ("folded", "fx-fuse"):
+            if label in variants:
+                diff, scale = max_abs_diff(model, variants[label], x)
+                parity[label] = {"max_abs_diff": diff, "max_abs_ref": scale}
+        fns = {k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}
+        med, info = bench_cpu(fns, repeats, args.sample_ms / 1000, args.warmup, args.max_case_s, args.min_rounds)
+        row = {
+            "batch": batch,
+            **{f"{k}_ms": (med[k] * 1000 if k in med else None) for k in VARIANTS},
+            "rounds": info["rounds"],
+            "calls_per_sample": info["number"],
+            "min_max_ms": {k: [v[0] * 1000, v[1] * 1000] for k, v in info["min_max_s"].items()},
+            "parity": parity,
+        }
+        row["folded_vs_bound_pct"] = (med["folded"] / med["bound"] - 1) * 100
+        row["folded_vs_unfolded_pct"] = (med["folded"] / med["unfolded"] - 1) * 100
+        entry["cpu"].append(row)
+        log(f"[{name}] b{batch}: unfolded {row['unfolded_ms']:.3f} folded {row['folded_ms']:.3f} "
+            f"fx {row['fx-fuse_ms'] if row['fx-fuse_ms'] is None else round(row['fx-fuse_ms'], 3)} "
+            f"bound {row['bound_ms']:.3f} ms ({row['folded_vs_bound_pct']:+.1f}% vs bound, "
+            f"{info['rounds']} rounds x {info['number']} calls)")
+
+    if args.gpu and torch.cuda.is_available():
+        entry["gpu"] = bench_gpu_model(spec, variants, args, log)
+
+    if args.memory:
+        entry["memory"] = measure_memory(name, args.threads)
+        mem = entry["memory"]
+        if "error" in mem:
+            log(f"[{name}] {mem['error']}")
+        else:
+            log(f"[{name}] memory: +{mem['fuse_increase_kb'] / 1024:.1f} MB during fuse = {mem['x_params']:.2f}x "
+                f"params ({mem['param_bytes'] / 2**20:.2f} MB); cold fuse {mem['cold_fuse_total_s']:.3f}s")
+    return entry
+
+
+def bench_gpu_model(spec: zoo.ModelSpec, variants: dict[str, nn.Module], args: argparse.Namespace,
+                    log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows = []
+    for dtype in (torch.float32, torch.float16):
+        on_gpu = {k: copy.deepcopy(m).to(device="cuda", dtype=dtype).eval() for k, m in variants.items()}
+        for batch in GPU_BATCHES:
+            x = input_for(spec, batch, device="cuda", dtype=dtype)
+            fns = {k: (lambda m=m, x=x: m(x)) for k, m in on_gpu.items()}
+            try:
+                med = bench_cuda(fns, args.gpu_repeats, args.warmup)
+            except Exception as exc:
+                rows.append({"dtype": str(dtype), "batch": batch, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            row = {"dtype": str(dtype).replace("torch.", ""), "batch": batch,
+                   **{f"{k}_ms": (med[k] * 1000 if k in med else None) for k in VARIANTS}}
+            row["folded_vs_bound_pct"] = (med["folded"] / med["bound"] - 1) * 100
+            rows.append(row)
+            log(f"[{spec.name}] cuda {row['dtype']} b{batch}: unfolded {row['unfolded_ms']:.3f} folded "
+                f"{row['folded_ms']:.3f} bound {row['bound_ms']:.3f} ms ({row['folded_vs_bound_pct']:+.1f}%)")
+        del on_gpu
+        torch.cuda.empty_cache()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- output
+
+COLUMNS = ["model", "params", "batch", "unfolded ms", "folded ms", "fx-fuse ms", "lower-bound ms",
+           "folded vs bound %", "fold s (discover+fold / total)", "peak mem x params"]
+
+
+def fmt_params(n: int) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
+
+
+def fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def table_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for e in entries:
+        if "error" in e:
+            rows.append([e["name"], fmt_params(e["params"]), "-", "error", "", "", "", "", "", ""])
+            continue
+        ft = e["bnfold"]
+        fold_s = f"{ft['discover_fold_s']:.3f} / {ft['total_s']:.3f}"
+        mem = e.get("memory")
+        if mem is None:
+            mem_s = "-"
+        elif "error" in mem:
+            mem_s = "error"
+        else:
+            mem_s = f"{mem['x_params']:.2f}x (+{mem['fuse_increase_kb'] / 1024:.0f} MB)"
+        for i, row in enumerate(e["cpu"]):
+            first = i == 0
+            rows.append([
+                e["name"] if first else "",
+                fmt_params(e["params"]) if first else "",
+                str(row["batch"]),
+                fmt_ms(row["unfolded_ms"]),
+                fmt_ms(row["folded_ms"]),
+                fmt_ms(row["fx-fuse_ms"]),
+                fmt_ms(row["bound_ms"]),
+                f"{row['folded_vs_bound_pct']:+.1f}",
+                fold_s if first else "",
+                mem_s if first else "",
+            ])
+    return rows
+
+
+def markdown_table(entries: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * len(COLUMNS)) + "|"]
+    for r in table_rows(entries):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+    return "\n".join(lines)
+
+
+def print_table(entries: list[dict[str, Any]]) -> None:
+    rows = table_rows(entries)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+        print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        return
+    table = Table(title="bnfold fuse (CPU eager, median ms per call)")
+    for i, c in enumerate(COLUMNS):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=max(160, os.get_terminal_size(1).columns if sys.stdout.isatty() else 160)).print(table)
+
+
+def print_gpu_table(entries: list[dict[str, Any]]) -> None:
+    print("\nGPU (CUDA events, median ms per call)")
+    print(f"{'model':<20} {'dtype':<8} {'batch':>5} {'unfolded':>10} {'folded':>10} {'fx-fuse':>10} {'bound':>10} {'vs bound %':>10}")
+    for e in entries:
+        for row in e.get("gpu", []):
+            if "error" in row:
+                print(f"{e['name']:<20} {row['dtype']:<8} {row['batch']:>5} error: {row['error']}")
+                continue
+            print(f"{e['name']:<20} {row['dtype']:<8} {row['batch']:>5} {fmt_ms(row['unfolded_ms']):>10} "
+                  f"{fmt_ms(row['folded_ms']):>10} {fmt_ms(row['fx-fuse_ms']):>10} {fmt_ms(row['bound_ms']):>10} "
+                  f"{row['folded_vs_bound_pct']:>+10.1f}")
+
+
+def summarise(entries: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for e in entries:
+        if "error" in e:
+            lines.append(f"{e['name']}: {e['error']}")
+            continue
+        b = e["bnfold"]
+        if not b["ok"]:
+            lines.append(f"{e['name']}: bnfold parity check FAILED")
+        for s in b["skipped"]:
+            lines.append(f"{e['name']}: skipped {s['bn']}: {s['reason']}")
+        for row in e["cpu"]:
+            if row["folded_vs_bound_pct"] > TARGET_BOUND_PCT:
+                lines.append(f"{e['name']} b{row['batch']}: folded is {row['folded_vs_bound_pct']:+.1f}% vs bound "
+                             f"(target <= {TARGET_BOUND_PCT:.0f}%)")
+            for label, p in row["parity"].items():
+                if p["max_abs_diff"] > 1e-3 * max(1.0, p["max_abs_ref"]):
+                    lines.append(f"{e['name']} b{row['batch']}: {label} differs from unfolded by "
+                                 f"{p['max_abs_diff']:.2e} (max |out| {p['max_abs_ref']:.2e})")
+        if e["name"] == "resnet50" and b["discover_fold_s"] > TARGET_FOLD_S:
+            lines.append(f"resnet50: discover+fold {b['discover_fold_s']:.3f}s > {TARGET_FOLD_S}s target")
+        mem = e.get("memory") or {}
+        if mem.get("x_params", 0) > TARGET_MEM_X and e["param_bytes"] > 10 * 2**20:
+            lines.append(f"{e['name']}: fuse peak memory {mem['x_params']:.2f}x params (target < {TARGET_MEM_X}x)")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="", help="comma-separated model names (default: all reference models + resnet50)")
+    p.add_argument("--repeats", type=int, default=30, help="measurement rounds per model and batch (default 30)")
+    p.add_argument("--max-case-s", type=float, default=25.0,
+                   help="cap on seconds per model/batch; slow models (resnet50) get fewer rounds (default 25)")
+    p.add_argument("--min-rounds", type=int, default=7, help="never fewer rounds than this (default 7)")
+    p.add_argument("--sample-ms", type=float, default=10.0,
+                   help="each sample times enough consecutive calls to last about this long (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up calls per variant (default 3)")
+    p.add_argument("--fuse-repeats", type=int, default=3, help="bnfold.fuse calls per model for fold time (median)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
+    p.add_argument("--json", dest="json_path", default=None, help="write machine-readable results here")
+    p.add_argument("--markdown", default=None, help="write the table as markdown here")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-gpu", dest="gpu", action="store_false", help="skip GPU figures even if CUDA is available")
+    p.add_argument("--gpu-repeats", type=int, default=30, help="GPU rounds (default 30)")
+    p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print("@@MEM@@" + json.dumps(memory_child(args.memory_child)), flush=True)
+        return 0
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()] or [*zoo.REFERENCE_MODELS, zoo.RESNET50.name]
+    for n in names:
+        zoo.get_spec(n)  # fail early on unknown names
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    machine = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    log(f"torch {machine['torch']}, {machine['cpu_count']} CPUs, {machine['threads']} threads; models: {', '.join(names)}")
+    if not torch.cuda.is_available():
+        log("GPU figures skipped: torch.cuda.is_available() is False")
+    elif not args.gpu:
+        log("GPU figures skipped: --no-gpu")
+
+    start = time.perf_counter()
+    entries = []
+    for name in names:
+        entries.append(bench_model(name, args, log))
+    elapsed = time.perf_counter() - start
+
+    print()
+    print_table(entries)
+    if any(e.get("gpu") for e in entries):
+        print_gpu_table(entries)
+    else:
+        print("GPU figures skipped: " + ("CUDA not available" if not torch.cuda.is_available() else "--no-gpu"))
+    notes = summarise(entries)
+    if notes:
+        print("\nNotes:")
+        for line in notes:
+            print(f"  - {line}")
+    print(f"\nTotal benchmark time: {elapsed:.1f}s")
+
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_table(entries) + "\n")
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        payload = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                   "machine": machine, "args": {k: v for k, v in vars(args).items() if k != "memory_child"},
+                   "elapsed_s": elapsed, "models": entries, "notes": notes}
+        Path(args.json_path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
