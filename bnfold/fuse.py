@@ -150,6 +150,7 @@ def fuse(
     if target.fixed_shapes:
         cases = [(f"batch {specs[0].shape[0]}", make_inputs(specs, seed))]
 
+    run_model(reference, cases[0][1])  # a model that cannot run on these inputs fails here, with a clear message
     start = time.perf_counter()
     draws = [x for _, x in cases] + [make_inputs(specs, seed + k) for k in (1, 2, 3)]
     draws.append(tuple(-t if t.is_floating_point() else t for t in draws[-1]))  # the other sign, too

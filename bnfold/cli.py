@@ -1,0 +1,161 @@
+"""The ``bnfold`` command line: parse, call the library, render, exit through :func:`exit_code`."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from bnfold import __version__
+from bnfold.errors import BnfoldError, InputSpecError, OutputError
+from bnfold.fuse import FuseResult, fuse
+from bnfold.inputs import SHAPE_HINT, make_inputs, parse_input_spec
+from bnfold.load import load
+from bnfold.report import fuse_document, render_fuse, write_json
+from bnfold.save import save_model
+
+#: Exit codes (API, documented in the README).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+_OUTPUT_SUFFIX = {"torchscript": ".pt", "export": ".pt2", "pickle": ".pt", "state_dict": ".pt", "safetensors": ".safetensors"}
+
+
+def exit_code(result: FuseResult) -> int:
+    """0 when the folded model matches the unfolded eval model within tolerance, else 1."""
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _fail(message: str, hint: str | None = None) -> None:
+    console = Console(stderr=True, highlight=False)
+    console.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+    if hint:
+        console.print(f"Note: {hint}", markup=False, soft_wrap=True)
+    sys.exit(EXIT_USAGE)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="bnfold")
+def main() -> None:
+    """bnfold: make BatchNorm safe to ship.
+
+    Folds BatchNorm into neighbouring conv/linear weights and proves that the folded model's outputs match
+    the original eval-mode model's.
+
+    \b
+    Exit codes: 0 success, 1 parity outside tolerance (nothing written), 2 bad input (one-line error).
+    """
+
+
+def _output_path(model_path: Path, fmt: str, output: Path | None) -> Path:
+    if output is None:
+        output = model_path.with_name(f"{model_path.stem}.fused{_OUTPUT_SUFFIX[fmt]}")
+    if output.exists() and model_path.exists() and output.resolve() == model_path.resolve():
+        raise OutputError(f"the output {output} is the input file: bnfold never overwrites its input",
+                          "pass another path with -o")
+    return output
+
+
+@main.command("fuse")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the folded model [default: MODEL's name with .fused before the suffix].")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W[:DTYPE]",
+              help="Example input shape, repeat for several inputs; dtype float32 (default), float16, bfloat16, "
+                   "int64, ... Not needed for .pt2 programs.")
+@click.option("--arch", metavar="MODULE:FACTORY", help="Callable that builds the model, for state dicts and "
+              ".safetensors files (imported from the current directory too).")
+@click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object.")
+@click.option("--trust-pickle", is_flag=True, help="Load whole pickled modules (runs code from the file).")
+@click.option("--keep-structure", is_flag=True, help="For state dicts: write a state dict for the same "
+              "architecture, BNs neutralised (identity statistics), instead of a .pt2 program.")
+@click.option("--atol", type=float, help="Absolute tolerance [default: per dtype, 1e-5 for float32].")
+@click.option("--rtol", type=float, help="Tolerance relative to each output's max magnitude "
+              "[default: per dtype, 1e-4 for float32].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random comparison inputs.")
+@click.option("--discovery", type=click.Choice(["auto", "fx", "observed"]), default="auto", show_default=True,
+              help="How BN pairs are found in eager models: torch.fx, observing forward passes, or fx falling "
+                   "back to observation.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write the report as JSON to this path.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
+                 arch_kwargs: str | None, trust_pickle: bool, keep_structure: bool, atol: float | None,
+                 rtol: float | None, seed: int, discovery: str, json_path: Path | None, quiet: bool,
+                 debug: bool) -> None:
+    """Fold BatchNorm into conv/linear layers and prove output parity.
+
+    \b
+    The format is read from the file's content and kept: TorchScript in, TorchScript out; .pt2 in,
+    .pt2 out; pickled module in, pickled module out. A state dict (or .safetensors) with --arch is
+    written as a .pt2 program, or with --keep-structure as a state dict for the same architecture.
+
+    \b
+    Examples:
+      bnfold fuse model.pt2                                  # a torch.export program carries its shapes
+      bnfold fuse scripted.pt --input-shape 1,3,224,224      # TorchScript
+      bnfold fuse ckpt.pt --arch mypkg.nets:resnet18 --arch-kwargs '{"num_classes": 10}' \\
+          --input-shape 8,3,224,224 -o resnet18.fused.pt2
+      bnfold fuse models/resnet_digits.safetensors --arch models.zoo:resnet_digits --input-shape 8,1,8,8
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own deprecation chatter, not the user's
+    try:
+        code = _run_fuse(model_path, output, input_shapes, arch, arch_kwargs, trust_pickle, keep_structure, atol,
+                         rtol, seed, discovery, json_path, quiet)
+    except BnfoldError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.hint)
+    except Exception as exc:  # a bug or an unexpected library error: still one line, unless --debug
+        if debug:
+            raise
+        _fail(f"{type(exc).__name__}: {exc}".splitlines()[0], "rerun with --debug for the traceback, and please "
+              "report it")
+    sys.exit(code)
+
+
+def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
+              arch_kwargs: str | None, trust_pickle: bool, keep_structure: bool, atol: float | None,
+              rtol: float | None, seed: int, discovery: str, json_path: Path | None, quiet: bool) -> int:
+    console = Console(stderr=False, highlight=False)
+    status = Console(stderr=True)
+    started = time.perf_counter()
+    specs = [parse_input_spec(s) for s in input_shapes]
+    with status.status(f"loading {model_path}"):
+        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    specs = specs or loaded.input_specs or []
+    if not specs:
+        raise InputSpecError(f"{model_path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
+    if keep_structure and loaded.format not in ("state_dict", "safetensors"):
+        raise InputSpecError("--keep-structure applies to state dicts and .safetensors files only",
+                             f"{model_path} is a {loaded.format} file; its output keeps its format anyway")
+    out_format = loaded.format if keep_structure or loaded.format not in ("state_dict", "safetensors") else "export"
+    out_path = _output_path(model_path, out_format, output)
+    with status.status("folding and comparing"):
+        result = fuse(loaded.model, specs, atol=atol, rtol=rtol, seed=seed, method=discovery,
+                      keep_structure=keep_structure)
+    result.notes[:0] = loaded.notes
+    written = None
+    if result.ok:
+        with status.status(f"writing {out_path}"):
+            save_model(result.model, out_format, out_path, make_inputs(specs, seed))
+        written = str(out_path)
+    result.timings["total"] = time.perf_counter() - started
+    if quiet:
+        console.print(("PASSED" if result.ok else "FAILED") + f" | {len(result.folded)} folded, "
+                      f"{len(result.skipped)} skipped" + (f" | wrote {written}" if written else ""), soft_wrap=True)
+    else:
+        render_fuse(result, console, source=str(model_path), output=written)
+    if json_path is not None:
+        write_json(json_path, fuse_document(result, input={"path": str(model_path), "format": loaded.format,
+                                                           "shapes": [str(s) for s in specs]},
+                                            output={"path": written, "format": out_format if written else None}))
+    return exit_code(result)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,253 @@
+"""Load a model file, recognising its format from its content (never its extension).
+
+Formats: TorchScript archives (``torch.jit.save``), ``torch.export`` programs (``torch.export.save``),
+state dicts and training checkpoints (``torch.save``; with ``--arch``), ``.safetensors`` (with ``--arch``),
+and whole pickled modules (``torch.save(model)``; refused unless ``trust_pickle``, since loading one runs
+code from the file). Everything else is loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from bnfold.errors import ArchError, LoadError, UnsafePickleError
+from bnfold.inputs import InputSpec
+
+Format = Literal["torchscript", "export", "state_dict", "safetensors", "pickle"]
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+PICKLE_HINT = ("if you trust the file, pass --trust-pickle; better, save a state dict (torch.save(model.state_dict())) "
+               "and pass --arch, or save a torch.export program (.pt2)")
+
+
+@dataclass
+class Loaded:
+    model: Any  # nn.Module, torch.jit.ScriptModule or torch.export.ExportedProgram
+    format: Format
+    path: Path
+    input_specs: list[InputSpec] | None = None  # carried by the file (torch.export programs)
+    arch: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def sniff(path: Path) -> str:
+    """``"zip:torchscript"``, ``"zip:export"``, ``"zip:torch"``, ``"safetensors"``, ``"pickle"`` or ``"unknown"``."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "unknown"
+        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+            return "zip:torchscript"
+        if any(n.endswith("archive_format") or "/models/" in n and n.endswith(".json") for n in names):
+            return "zip:export"
+        if any(n.endswith("data.pkl") for n in names):
+            return "zip:torch"
+        return "unknown"
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 0 < header_len < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol 2+ (the legacy torch.save format starts with one)
+        return "pickle"
+    return "unknown"
+
+
+def load(path: str | os.PathLike[str], *, arch: str | None = None, arch_kwargs: str | None = None,
+         trust_pickle: bool = False) -> Loaded:
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"{path}: no such file")
+    kind = sniff(path)
+    try:
+        if kind == "zip:torchscript":
+            return Loaded(torch.jit.load(str(path), map_location="cpu"), "torchscript", path)
+        if kind == "zip:export":
+            program = torch.export.load(str(path))
+            return Loaded(program, "export", path, input_specs=program_input_specs(program))
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+            return _with_arch(state, path, "safetensors", arch, arch_kwargs)
+        if kind in ("zip:torch", "pickle"):
+            return _load_torch_file(path, arch, arch_kwargs, trust_pickle)
+    except LoadError:
+        raise
+    except Exception as exc:  # torch's loaders raise many types for damaged files
+        raise LoadError(f"{path}: cannot read it as a {kind.removeprefix('zip:')} file: {_first_line(exc)}",
+                        "the file may be truncated or damaged; re-save it") from exc
+    raise LoadError(f"{path}: not a model file bnfold knows (first bytes {_head(path)!r})",
+                    "expected a TorchScript archive, a torch.export .pt2 program, a torch.save checkpoint or a "
+                    ".safetensors file")
+
+
+def _load_torch_file(path: Path, arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> Loaded:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
+            raise
+        if not trust_pickle:
+            raise UnsafePickleError(
+                f"{path}: refusing to unpickle it: the file holds Python objects ({_unsupported_global(exc)}) and "
+                "loading it would run code from the file", PICKLE_HINT) from None
+        _import_from_cwd()
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except (ImportError, AttributeError) as exc:
+            raise LoadError(f"{path}: the pickle refers to code that cannot be imported: {_first_line(exc)}",
+                            "run bnfold from the directory that contains the model's package, or install it") from None
+    if isinstance(obj, nn.Module):
+        return Loaded(obj, "pickle", path, arch=None)
+    return _with_arch(obj, path, "state_dict", arch, arch_kwargs)
+
+
+def _with_arch(obj: Any, path: Path, fmt: Format, arch: str | None, arch_kwargs: str | None) -> Loaded:
+    state, where = extract_state_dict(obj, path)
+    if arch is None:
+        raise ArchError(f"{path} holds a state dict ({len(state)} tensors), not a model",
+                        "pass --arch package.module:factory (a callable returning the nn.Module), e.g. "
+                        "--arch models.zoo:resnet_digits")
+    model = build_arch(arch, arch_kwargs)
+    notes = [f"weights read from the {where!r} entry"] if where else []
+    notes += load_into(model, state, path, arch)
+    return Loaded(model.eval(), fmt, path, arch=arch, notes=notes)  # a state dict carries no train/eval mode
+
+
+def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A flat ``{name: tensor}`` dict from a state dict or a training checkpoint that nests one."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj), None
+    if isinstance(obj, dict):
+        for key in _NESTED_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return dict(inner), key
+        keys = ", ".join(repr(k) for k in list(obj)[:6])
+        raise LoadError(f"{path}: a checkpoint dict without a state dict (keys: {keys})",
+                        f"bnfold looks for tensors at the top level or under {', '.join(_NESTED_KEYS)}")
+    raise LoadError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
+
+
+def build_arch(arch: str, arch_kwargs: str | None) -> nn.Module:
+    """Import ``package.module:factory`` (from the current directory too) and call it."""
+    module_name, sep, attr = arch.partition(":")
+    if not sep or not module_name or not attr:
+        raise ArchError(f"--arch {arch!r} is not of the form package.module:factory", "e.g. --arch models.zoo:resnet_digits")
+    kwargs: dict[str, Any] = {}
+    if arch_kwargs:
+        try:
+            kwargs = json.loads(arch_kwargs)
+        except json.JSONDecodeError as exc:
+            raise ArchError(f"--arch-kwargs is not valid JSON: {exc.msg} at character {exc.pos}",
+                            "e.g. --arch-kwargs '{\"num_classes\": 10}'") from None
+        if not isinstance(kwargs, dict):
+            raise ArchError(f"--arch-kwargs must be a JSON object, got {type(kwargs).__name__}")
+    _import_from_cwd()
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise ArchError(f"--arch {arch!r}: cannot import {module_name!r}: {_first_line(exc)}",
+                        "run bnfold from the directory that contains the package, or install it") from None
+    except AttributeError:
+        raise ArchError(f"--arch {arch!r}: module {module_name!r} has no attribute {attr!r}") from None
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise ArchError(f"--arch {arch!r}: calling it with {kwargs} failed: {type(exc).__name__}: {_first_line(exc)}",
+                        "pass its arguments as JSON with --arch-kwargs") from None
+    if not isinstance(model, nn.Module):
+        raise ArchError(f"--arch {arch!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _import_from_cwd() -> None:
+    """Like ``python -m``: model code usually lives in the user's project, so the current folder is importable."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> list[str]:
+    """Load ``state`` strictly, stripping DataParallel/Lightning/compile prefixes when that makes it fit."""
+    expected = model.state_dict()
+    best, stripped = state, ""
+    for prefix in ("", *_PREFIXES, *(a + b for a in _PREFIXES for b in _PREFIXES if a != b)):
+        candidate = _strip(state, prefix)
+        if candidate is not None and len(candidate.keys() & expected.keys()) > len(best.keys() & expected.keys()):
+            best, stripped = candidate, prefix
+    missing = sorted(expected.keys() - best.keys())
+    unexpected = sorted(best.keys() - expected.keys())
+    mismatched = [f"{k}: file {tuple(best[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(expected.keys() & best.keys()) if best[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} with another shape (e.g. {mismatched[0]})")
+        raise LoadError(f"{path} does not match --arch {arch}: " + "; ".join(parts) + " keys",
+                        "check --arch and --arch-kwargs against the code that trained the model")
+    model.load_state_dict(best, strict=True)
+    return [f"stripped the {stripped!r} prefix from the state dict keys"] if stripped else []
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor] | None:
+    if not prefix:
+        return state
+    if not all(k.startswith(prefix) for k in state):
+        return None
+    return {k[len(prefix):]: v for k, v in state.items()}
+
+
+def program_input_specs(program: torch.export.ExportedProgram) -> list[InputSpec]:
+    """The example input shapes an exported program was traced with (symbolic dims read as their hints)."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    specs = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                specs.append(InputSpec(tuple(_dim(d) for d in val.shape), val.dtype))
+    return specs
+
+
+def _dim(d: Any) -> int:
+    try:
+        return int(d)
+    except (TypeError, ValueError, RuntimeError):  # a symbolic dim: use its hint
+        hint = getattr(getattr(d, "node", None), "hint", None)
+        return int(hint) if hint is not None else 2
+
+
+def _unsupported_global(exc: Exception) -> str:
+    text = str(exc)
+    marker = "Unsupported global: GLOBAL "
+    if marker in text:
+        return text.split(marker, 1)[1].split()[0]
+    return "objects outside the weights_only allow-list"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:240] if text else type(exc).__name__
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(8)
