@@ -191,3 +191,15 @@ def test_compare_semantics():
     assert not compare("c", ref, torch.tensor([1.0, float("nan"), 4.0]))
     assert not compare("c", ref, ref[:2])
     assert not compare("c", {"a": ref}, {"b": ref})
+
+
+def test_fp16_overflow_is_skipped_not_written_as_inf():
+    model = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.BatchNorm2d(1)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(300.0)
+        model[1].running_var.fill_(1e-8)  # scale 1/sqrt(1e-5) ~ 316: 300 * 316 > 65504
+    model = model.half()
+    result = bnfold.fuse(model, [bnfold.InputSpec((2, 1, 2, 2), torch.float16)])
+    assert not result.folded
+    assert "overflow float16" in result.skipped[0].reason
+    assert torch.isfinite(result.model[0].weight).all()

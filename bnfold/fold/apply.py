@@ -112,6 +112,10 @@ def apply_fold(host: ModuleHost, fold: Fold) -> None:
             new_w, new_b = fold_bn_before(weight, bias, params, groups=layer.groups)
     except ValueError as exc:  # channel counts disagree: discovery paired the wrong tensors
         raise CannotFold(str(exc)) from None
+    if not (torch.isfinite(new_w).all() and torch.isfinite(new_b).all()):
+        limit = torch.finfo(weight.dtype).max
+        raise CannotFold(f"folded weights of {layer.name} overflow {str(weight.dtype).removeprefix('torch.')} (max "
+                         f"{limit:.6g}): a tiny running_var magnifies them; keep this BN, or fold in float32")
     bias_path = layer.bias or host.add_bias(layer)
     if bias_path is None and (fold.position == "before" or ref.bias is None):
         where = "the BN is not affine" if fold.position == "after" else "a BN before it cannot hold its shift"
