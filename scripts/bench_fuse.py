@@ -15,13 +15,19 @@ Variants are timed in interleaved rounds (each round times every variant once, i
 order) and the median per variant is reported. Each sample times ``number`` consecutive calls
 (calibrated so one sample lasts about ``--sample-ms``) and divides.
 
-Fold time is the wall time of ``bnfold.fuse`` (median of ``--fuse-repeats`` calls in this process,
+Fold time is the wall time of ``bnfold.fuse`` (fastest of ``--fuse-repeats`` calls in this process,
 so one-off import/first-trace costs are excluded; the cold first call is measured in the memory
 subprocess) with ``result.timings`` (discover / fold / compare).
 
+The machine may be shared: rounds during which other processes used the CPU (from /proc/stat) are
+discarded and repeated, within a time budget; the JSON records how many were.
+
 Peak memory: each model is fused once in a fresh subprocess (this script with a hidden flag);
-``ru_maxrss`` is read after building the model and after ``fuse``; the increase is reported
-relative to the model's parameter + buffer bytes.
+the RSS high-water mark is read after building the model and after ``fuse``; the increase is
+reported relative to the model's parameter + buffer bytes. On Linux the high-water mark is reset
+right before ``fuse`` (``/proc/self/clear_refs``) and read as ``VmHWM`` so that transient peaks
+from importing torch and building the model (about 1 GB for resnet50) do not hide what ``fuse``
+uses; elsewhere ``ru_maxrss`` is used without a reset (an underestimate).
 
 If CUDA is available, GPU latency (fp32 and fp16, batch 1 and 64, CUDA events) is measured too.
 
@@ -67,6 +73,7 @@ GPU_BATCHES = (1, 64)
 TARGET_BOUND_PCT = 3.0
 TARGET_FOLD_S = 1.0
 TARGET_MEM_X = 2.0
+WARMUP_MODEL = "resnet_digits"
 
 
 # --------------------------------------------------------------------------------------------- variants
@@ -156,48 +163,123 @@ def input_for(spec: zoo.ModelSpec, batch: int, seed: int = 0, device: str = "cpu
 # --------------------------------------------------------------------------------------------- timing
 
 
-def rounds_for(est_round_s: float, repeats: int, max_case_s: float, min_rounds: int) -> int:
-    if est_round_s <= 0:
-        return repeats
-    return max(min(repeats, min_rounds), min(repeats, int(max_case_s / est_round_s)))
+class CpuMonitor:
+    """CPU time used by *other* processes (system-wide busy ticks minus this process's), from /proc.
+
+    The benchmark machine may be shared (e.g. test runs of people working on the same checkout); a
+    measurement round during which other processes used the CPU is discarded and repeated.
+    """
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.ncpu = os.cpu_count() or 1
+        self.available = self._read() is not None
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
+            with open("/proc/self/stat") as f:
+                own = f.read().rpartition(")")[2].split()
+            return busy, int(own[11]) + int(own[12])  # utime + stime, all threads
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def mark(self) -> tuple[int, int] | None:
+        return self._read()
+
+    def foreign_ticks(self, since: tuple[int, int] | None) -> int:
+        now = self._read()
+        if since is None or now is None:
+            return 0
+        return max(0, (now[0] - since[0]) - (now[1] - since[1]))
+
+    def wait_for_quiet(self, max_wait_s: float, window_s: float = 0.5, threshold: float = 0.1) -> float:
+        """Sleep until other processes use under ``threshold`` of the machine for a window; returns seconds waited."""
+        if not self.available or max_wait_s <= 0:
+            return 0.0
+        t0 = time.perf_counter()
+        while True:
+            m = self.mark()
+            time.sleep(window_s)
+            if self.foreign_ticks(m) <= threshold * window_s * self.hz * self.ncpu:
+                return time.perf_counter() - t0
+            if time.perf_counter() - t0 > max_wait_s:
+                return time.perf_counter() - t0
+
+
+MONITOR = CpuMonitor()
 
 
 @torch.no_grad()
 def bench_cpu(fns: dict[str, Callable[[], Any]], repeats: int, sample_s: float, warmup: int,
-              max_case_s: float, min_rounds: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median seconds per call for each fn, measured in interleaved rounds."""
+              max_case_s: float, min_rounds: int, quiet_wait_s: float) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds per call for each fn, measured in interleaved rounds.
+
+    Each round times every fn once (``number`` consecutive calls, in a rotating order). Rounds during
+    which other processes used more than a tick or two of CPU are "contended": they are kept aside and
+    replaced, until ``repeats`` clean rounds are collected or the time budget runs out (about
+    ``max_case_s``; at least ``min_rounds`` rounds, contended ones included, are always run).
+    """
     names = list(fns)
+    waited = MONITOR.wait_for_quiet(quiet_wait_s)
     for name in names:  # warm-up (oneDNN primitive caches, allocator, thread pool)
         for _ in range(warmup):
             fns[name]()
-    # Calibrate a common number of calls per sample on the slowest variant.
+    # Calibrate a common number of calls per sample on the slowest variant (best of 3 single calls).
     single = {}
     for name in names:
-        t0 = time.perf_counter()
-        fns[name]()
-        single[name] = time.perf_counter() - t0
-    slowest = max(single.values())
-    number = max(1, math.ceil(sample_s / max(slowest, 1e-7)))
-    rounds = rounds_for(number * sum(single.values()), repeats, max_case_s, min_rounds)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+        best = float("inf")
+        for _ in range(3 if warmup else 1):
+            t0 = time.perf_counter()
+            fns[name]()
+            best = min(best, time.perf_counter() - t0)
+        single[name] = best
+    number = max(1, math.ceil(sample_s / max(max(single.values()), 1e-7)))
+    est_round = number * sum(single.values())
+    target = max(min(repeats, min_rounds), min(repeats, int(max_case_s / max(est_round, 1e-9))))
+    hard_stop = time.perf_counter() + max(2 * max_case_s, 3 * target * est_round)
+    clean: dict[str, list[float]] = {n: [] for n in names}
+    dirty: dict[str, list[float]] = {n: [] for n in names}
+    rounds = contended = 0
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
-        for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
+        while True:
+            order = names[rounds % len(names):] + names[:rounds % len(names)]
+            mark = MONITOR.mark()
+            t_round = time.perf_counter()
+            got = {}
             for name in order:
                 fn = fns[name]
                 t0 = time.perf_counter()
                 for _ in range(number):
                     fn()
-                samples[name].append((time.perf_counter() - t0) / number)
+                got[name] = (time.perf_counter() - t0) / number
+            wall = time.perf_counter() - t_round
+            rounds += 1
+            # Allow 2 ticks of foreign CPU, or 5% of the round's CPU capacity, whichever is larger.
+            allowance = max(2, 0.05 * wall * MONITOR.hz * MONITOR.ncpu)
+            is_clean = MONITOR.foreign_ticks(mark) <= allowance
+            contended += not is_clean
+            for name, v in got.items():
+                (clean if is_clean else dirty)[name].append(v)
+            n_clean = len(clean[names[0]])
+            if n_clean >= target or (rounds >= min_rounds and time.perf_counter() > hard_stop):
+                break
     finally:
         if gc_was_enabled:
             gc.enable()
-    med = {n: statistics.median(v) for n, v in samples.items()}
-    spread = {n: (min(v), max(v)) for n, v in samples.items()}
-    return med, {"rounds": rounds, "number": number, "min_max_s": spread}
+    n_clean = len(clean[names[0]])
+    use = clean if n_clean >= min(3, target) else {n: clean[n] + dirty[n] for n in names}
+    med = {n: statistics.median(v) for n, v in use.items()}
+    spread = {n: (min(v), max(v)) for n, v in use.items()}
+    return med, {"rounds": rounds, "clean_rounds": n_clean, "contended_rounds": contended,
+                 "used_contended": use is not clean, "number": number, "min_max_s": spread,
+                 "waited_for_quiet_s": waited}
 
 
 @torch.no_grad()
@@ -225,79 +307,144 @@ def bench_cuda(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, num
 
 
 def rss_now_kb() -> int | None:
+    return _proc_status_kb("VmRSS")
+
+
+def maxrss_kb() -> int:
+    """The process's RSS high-water mark in KiB.
+
+    ``VmHWM`` from ``/proc/self/status`` where available, else ``getrusage(RUSAGE_SELF).ru_maxrss``.
+    Both are the same high-water mark, but ``ru_maxrss`` also folds in the mark saved whenever a
+    thread exits, so once torch's worker threads have come and gone it can no longer be reset;
+    ``VmHWM`` is reset by :func:`reset_peak_rss`.
+    """
+    hwm = _proc_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb // 1024 if sys.platform == "darwin" else kb  # macOS reports bytes
+
+
+def _proc_status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
 
 
-def maxrss_kb() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb // 1024 if sys.platform == "darwin" else kb  # macOS reports bytes
+def reset_peak_rss() -> bool:
+    """Reset the RSS high-water mark (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``); False if unsupported.
+
+    Without a reset, ``ru_maxrss`` right after building a model still holds transient peaks from
+    importing torch/bnfold (tens of MB), which would hide anything smaller that ``fuse`` allocates.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
-def memory_child(name: str) -> dict[str, Any]:
-    """Runs in a fresh process: build the model, then fuse it once, tracking the RSS high-water mark."""
+def memory_child(name: str, mode: str) -> dict[str, Any]:
+    """Runs in a fresh process: build the model, then either ``fuse`` it once (``mode="fuse"``: cold, as the
+    first thing after loading a model), or ``fuse`` it after fusing a tiny warm-up model (``"fuse-warm"``:
+    without one-off import / first-trace / oneDNN set-up costs), or run one plain no-grad forward pass
+    (``"forward"``, for context: fuse's compare step runs the model too); tracks the RSS high-water mark."""
+    if mode == "fuse-warm":  # pay imports, the first fx trace and oneDNN set-up on another, tiny model first
+        warm = zoo.get_spec(WARMUP_MODEL)
+        bnfold.fuse(zoo.build(WARMUP_MODEL), (input_for(warm, warm.input_shape[0]),))
     spec = zoo.get_spec(name)
     model = zoo.build(name)
     x = input_for(spec, spec.input_shape[0])
     gc.collect()
+    hw_before_reset = maxrss_kb()
+    reset = reset_peak_rss()
     hw_build, cur_build = maxrss_kb(), rss_now_kb()
-    with torch.no_grad():  # one plain forward pass, for context: what inference alone costs
-        model(x)
-    hw_forward = maxrss_kb()
+    out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    result = bnfold.fuse(model, (x,))
-    total = time.perf_counter() - t0
-    hw_fuse = maxrss_kb()
+    if mode in ("fuse", "fuse-warm"):
+        result = bnfold.fuse(model, (x,))
+        out.update(cold_fuse_timings=dict(result.timings), ok=result.ok)
+    else:
+        with torch.no_grad():
+            model(x)
+    elapsed = time.perf_counter() - t0
+    hw_after = maxrss_kb()
     return {
+        "mode": mode,
         "param_bytes": param_bytes(model),
+        "peak_reset": reset,
+        "maxrss_import_build_kb": hw_before_reset,
+        "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "maxrss_build_kb": hw_build,
         "rss_build_kb": cur_build,
-        "maxrss_forward_kb": hw_forward,
-        "maxrss_fuse_kb": hw_fuse,
-        "cold_fuse_total_s": total,
-        "cold_fuse_timings": dict(result.timings),
-        "ok": result.ok,
+        "maxrss_after_kb": hw_after,
+        "increase_kb": hw_after - hw_build,
+        "elapsed_s": elapsed,
+        **out,
     }
 
 
-def measure_memory(name: str, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", name, "--threads", str(threads)]
+def _run_child(name: str, mode: str, threads: int) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", name, "--_memory-mode", mode,
+           "--threads", str(threads)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=600)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("@@MEM@@"):
-            mem = json.loads(line[len("@@MEM@@"):])
-            pb = mem["param_bytes"]
-            mem["fuse_increase_kb"] = mem["maxrss_fuse_kb"] - mem["maxrss_build_kb"]
-            mem["fuse_over_forward_kb"] = mem["maxrss_fuse_kb"] - mem["maxrss_forward_kb"]
-            mem["x_params"] = mem["fuse_increase_kb"] * 1024 / pb if pb else float("nan")
-            mem["x_params_after_forward"] = mem["fuse_over_forward_kb"] * 1024 / pb if pb else float("nan")
-            return mem
+            return json.loads(line[len("@@MEM@@"):])
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"memory subprocess failed (rc {proc.returncode}): {tail}"}
+    return {"error": f"memory subprocess ({mode}) failed (rc {proc.returncode}): {tail}"}
+
+
+def measure_memory(name: str, threads: int) -> dict[str, Any]:
+    fused = _run_child(name, "fuse", threads)
+    if "error" in fused:
+        return fused
+    warm = _run_child(name, "fuse-warm", threads)
+    forward = _run_child(name, "forward", threads)
+    pb = fused["param_bytes"]
+    mem = {
+        "param_bytes": pb,
+        "peak_reset": fused["peak_reset"],
+        "fuse_increase_kb": fused["increase_kb"],
+        "x_params": fused["increase_kb"] * 1024 / pb if pb else float("nan"),
+        "warm_fuse_increase_kb": warm.get("increase_kb"),
+        "warm_x_params": warm["increase_kb"] * 1024 / pb if pb and "increase_kb" in warm else None,
+        "forward_increase_kb": forward.get("increase_kb"),
+        "forward_x_params": forward["increase_kb"] * 1024 / pb if pb and "increase_kb" in forward else None,
+        "cold_fuse_total_s": fused["elapsed_s"],
+        "cold_fuse_timings": fused.get("cold_fuse_timings"),
+        "fuse_child": fused,
+        "fuse_warm_child": warm,
+        "forward_child": forward,
+    }
+    return mem
 
 
 # --------------------------------------------------------------------------------------------- per model
 
 
-def fuse_timed(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[Any, dict[str, Any]]:
+def fuse_timed(model: nn.Module, x: torch.Tensor, repeats: int, quiet_wait_s: float) -> tuple[Any, dict[str, Any]]:
+    """Call ``bnfold.fuse`` ``repeats`` times (warm: after the first call in this process, imports and the
+    first fx trace are paid); report the fastest call, the least disturbed by anything else running."""
     runs = []
     result = None
     for _ in range(max(1, repeats)):
+        MONITOR.wait_for_quiet(quiet_wait_s)
+        mark = MONITOR.mark()
         t0 = time.perf_counter()
         result = bnfold.fuse(model, (x,))
-        runs.append((time.perf_counter() - t0, dict(result.timings)))
-    runs.sort(key=lambda r: r[0])
-    total, timings = runs[len(runs) // 2]  # the median run
+        runs.append((time.perf_counter() - t0, dict(result.timings), MONITOR.foreign_ticks(mark)))
+    total, timings, foreign = min(runs, key=lambda r: r[0])
     df = timings.get("discover", 0.0) + timings.get("fold", 0.0)
-    return result, {"total_s": total, "discover_fold_s": df, "timings": timings,
+    return result, {"total_s": total, "discover_fold_s": df, "timings": timings, "foreign_ticks": foreign,
                     "all_totals_s": sorted(r[0] for r in runs)}
 
 
@@ -307,6 +454,7 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     x_fuse = input_for(spec, spec.input_shape[0])
     entry: dict[str, Any] = {
         "name": name,
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "params": sum(p.numel() for p in model.parameters()),
         "param_bytes": param_bytes(model),
         "traceable": spec.traceable,
@@ -314,7 +462,7 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     }
 
     try:
-        result, fold_time = fuse_timed(model, x_fuse, args.fuse_repeats)
+        result, fold_time = fuse_timed(model, x_fuse, args.fuse_repeats, args.quiet_wait_s)
     except Exception as exc:
         entry["error"] = f"bnfold.fuse raised {type(exc).__name__}: {exc}"
         log(f"[{name}] {entry['error']}")
@@ -350,11 +498,16 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
                 diff, scale = max_abs_diff(model, variants[label], x)
                 parity[label] = {"max_abs_diff": diff, "max_abs_ref": scale}
         fns = {k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}
-        med, info = bench_cpu(fns, repeats, args.sample_ms / 1000, args.warmup, args.max_case_s, args.min_rounds)
+        med, info = bench_cpu(fns, repeats, args.sample_ms / 1000, args.warmup, args.max_case_s, args.min_rounds,
+                               args.quiet_wait_s)
         row = {
             "batch": batch,
             **{f"{k}_ms": (med[k] * 1000 if k in med else None) for k in VARIANTS},
             "rounds": info["rounds"],
+            "clean_rounds": info["clean_rounds"],
+            "contended_rounds": info["contended_rounds"],
+            "used_contended": info["used_contended"],
+            "waited_for_quiet_s": info["waited_for_quiet_s"],
             "calls_per_sample": info["number"],
             "min_max_ms": {k: [v[0] * 1000, v[1] * 1000] for k, v in info["min_max_s"].items()},
             "parity": parity,
@@ -365,19 +518,23 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
         log(f"[{name}] b{batch}: unfolded {row['unfolded_ms']:.3f} folded {row['folded_ms']:.3f} "
             f"fx {row['fx-fuse_ms'] if row['fx-fuse_ms'] is None else round(row['fx-fuse_ms'], 3)} "
             f"bound {row['bound_ms']:.3f} ms ({row['folded_vs_bound_pct']:+.1f}% vs bound, "
-            f"{info['rounds']} rounds x {info['number']} calls)")
+            f"{info['clean_rounds']}/{info['rounds']} clean rounds x {info['number']} calls)")
 
     if args.gpu and torch.cuda.is_available():
         entry["gpu"] = bench_gpu_model(spec, variants, args, log)
 
+    entry["loadavg_end_timing"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if args.memory:
         entry["memory"] = measure_memory(name, args.threads)
         mem = entry["memory"]
         if "error" in mem:
             log(f"[{name}] {mem['error']}")
         else:
-            log(f"[{name}] memory: +{mem['fuse_increase_kb'] / 1024:.1f} MB during fuse = {mem['x_params']:.2f}x "
-                f"params ({mem['param_bytes'] / 2**20:.2f} MB); cold fuse {mem['cold_fuse_total_s']:.3f}s")
+            fwd, warm = mem["forward_increase_kb"], mem["warm_fuse_increase_kb"]
+            log(f"[{name}] memory: +{mem['fuse_increase_kb'] / 1024:.1f} MB during a cold fuse = {mem['x_params']:.2f}x "
+                f"params ({mem['param_bytes'] / 2**20:.2f} MB); warm fuse: "
+                f"{'?' if warm is None else f'+{warm / 1024:.1f} MB'}; one plain forward: "
+                f"{'?' if fwd is None else f'+{fwd / 1024:.1f} MB'}; cold fuse {mem['cold_fuse_total_s']:.3f}s")
     return entry
 
 
@@ -439,7 +596,9 @@ def table_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
         elif "error" in mem:
             mem_s = "error"
         else:
-            mem_s = f"{mem['x_params']:.2f}x (+{mem['fuse_increase_kb'] / 1024:.0f} MB)"
+            warm = mem.get("warm_x_params")
+            warm_s = "" if warm is None else f", warm {warm:.2f}x"
+            mem_s = f"{mem['x_params']:.2f}x{warm_s} (+{mem['fuse_increase_kb'] / 1024:.0f} MB)"
         for i, row in enumerate(e["cpu"]):
             first = i == 0
             rows.append([
@@ -450,7 +609,7 @@ def table_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
                 fmt_ms(row["folded_ms"]),
                 fmt_ms(row["fx-fuse_ms"]),
                 fmt_ms(row["bound_ms"]),
-                f"{row['folded_vs_bound_pct']:+.1f}",
+                f"{row['folded_vs_bound_pct']:+.1f}" + ("*" if row.get("used_contended") else ""),
                 fold_s if first else "",
                 mem_s if first else "",
             ])
@@ -519,7 +678,13 @@ def summarise(entries: list[dict[str, Any]]) -> list[str]:
             lines.append(f"resnet50: discover+fold {b['discover_fold_s']:.3f}s > {TARGET_FOLD_S}s target")
         mem = e.get("memory") or {}
         if mem.get("x_params", 0) > TARGET_MEM_X and e["param_bytes"] > 10 * 2**20:
-            lines.append(f"{e['name']}: fuse peak memory {mem['x_params']:.2f}x params (target < {TARGET_MEM_X}x)")
+            warm = mem.get("warm_x_params")
+            lines.append(f"{e['name']}: fuse peak memory {mem['x_params']:.2f}x params cold"
+                         + ("" if warm is None else f", {warm:.2f}x warm") + f" (target < {TARGET_MEM_X}x)")
+        for row in e["cpu"]:
+            if row.get("used_contended"):
+                lines.append(f"{e['name']} b{row['batch']}: (*) too few uncontended rounds "
+                             f"({row['clean_rounds']}/{row['rounds']}); other processes were using the CPU")
     return lines
 
 
@@ -536,7 +701,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-ms", type=float, default=10.0,
                    help="each sample times enough consecutive calls to last about this long (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up calls per variant (default 3)")
-    p.add_argument("--fuse-repeats", type=int, default=3, help="bnfold.fuse calls per model for fold time (median)")
+    p.add_argument("--fuse-repeats", type=int, default=3, help="bnfold.fuse calls per model; the fastest is reported (default 3)")
+    p.add_argument("--quiet-wait-s", type=float, default=30.0,
+                   help="before each measurement, wait up to this long for other processes to leave the CPU (default 30)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     p.add_argument("--json", dest="json_path", default=None, help="write machine-readable results here")
     p.add_argument("--markdown", default=None, help="write the table as markdown here")
@@ -544,6 +711,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-gpu", dest="gpu", action="store_false", help="skip GPU figures even if CUDA is available")
     p.add_argument("--gpu-repeats", type=int, default=30, help="GPU rounds (default 30)")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_memory-mode", dest="memory_mode", default="fuse", choices=("fuse", "fuse-warm", "forward"),
+                   help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -551,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        print("@@MEM@@" + json.dumps(memory_child(args.memory_child)), flush=True)
+        print("@@MEM@@" + json.dumps(memory_child(args.memory_child, args.memory_mode)), flush=True)
         return 0
 
     names = [n.strip() for n in args.models.split(",") if n.strip()] or [*zoo.REFERENCE_MODELS, zoo.RESNET50.name]
@@ -590,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("GPU figures skipped: " + ("CUDA not available" if not torch.cuda.is_available() else "--no-gpu"))
     notes = summarise(entries)
+    print("(*) median includes rounds during which other processes used the CPU. Memory: cold = first fuse in a "
+          "fresh process, warm = after fusing a tiny model first; tiny models' ratios are dominated by fixed costs.")
     if notes:
         print("\nNotes:")
         for line in notes:
@@ -602,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         payload = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                   "machine": machine, "args": {k: v for k, v in vars(args).items() if k != "memory_child"},
+                   "machine": machine, "args": {k: v for k, v in vars(args).items() if not k.startswith("memory_")},
                    "elapsed_s": elapsed, "models": entries, "notes": notes}
         Path(args.json_path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return 0
