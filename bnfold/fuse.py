@@ -7,8 +7,10 @@ The caller's model is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -76,19 +78,45 @@ def parity_inputs(specs: list[InputSpec], seed: int) -> list[tuple[str, tuple[to
     return [(f"batch {b}", make_inputs(specs, seed, batch=b)) for b in batches]
 
 
-def check_parity(reference: Callable[..., Any], folded: Callable[..., Any], cases, atol, rtol) -> list[Comparison]:
-    return [compare(label, run_model(reference, x), run_model(folded, x), atol, rtol) for label, x in cases]
+@dataclass(frozen=True)
+class _Case:
+    """One comparison input and the reference model's output on it (computed once)."""
+
+    label: str
+    inputs: tuple[torch.Tensor, ...]
+    expected: Any
+
+
+def reference_cases(reference: Callable[..., Any], cases: list[tuple[str, tuple[torch.Tensor, ...]]]) -> list[_Case]:
+    return [_Case(label, x, run_model(reference, x)) for label, x in cases]
+
+
+def check_parity(cases: list[_Case], folded: Callable[..., Any], atol, rtol) -> list[Comparison]:
+    return [compare(c.label, c.expected, run_model(folded, c.inputs), atol, rtol) for c in cases]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore every module's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
 
 
 @dataclass
 class _Target:
     """How one kind of model is folded: what runs, how BNs are found, where the folds are written."""
 
-    reference: Any  # a runnable eval copy; never written to
+    reference: Any  # the runnable model in eval mode; never written to
     discover: Callable[[Any, list[tuple[torch.Tensor, ...]]], Discovery]
     host: type[ModuleHost]
     finish: Callable[[Any, tuple[torch.Tensor, ...]], Any] = lambda model, inputs: model  # noqa: E731
     fixed_shapes: bool = False  # the model only runs at the example shapes (an exported program)
+    has_modes: bool = True  # train()/eval() apply (an exported program's mode is baked into its graph)
 
 
 def _stat_paths(model: nn.Module) -> list[str]:
@@ -103,16 +131,15 @@ def _target(model: Any, method: str, keep_structure: bool) -> _Target:
             host=GraphHost,
             finish=lambda gm, inputs: torch.export.export(gm, inputs),
             fixed_shapes=True,
+            has_modes=False,
         )
     if isinstance(model, torch.jit.ScriptModule):
-        reference = copy.deepcopy(model)
-        reference.eval()
-        return _Target(reference, lambda sm, draws: unrecognised(script.discover(sm, draws[0]), _stat_paths(sm)),
+        return _Target(model, lambda sm, draws: unrecognised(script.discover(sm, draws[0]), _stat_paths(sm)),
                        ScriptHost)
     if not isinstance(model, nn.Module):
         raise TypeError(f"bnfold.fuse takes an nn.Module, ScriptModule or ExportedProgram, not {type(model).__name__}")
     return _Target(
-        reference=copy.deepcopy(model).eval(),
+        reference=model,
         discover=lambda m, draws: discover(m, draws, method=method),
         host=KeepStructureHost if keep_structure else ModuleHost,
     )
@@ -141,18 +168,26 @@ def fuse(
         tuple(example_inputs))
     if not specs:
         raise InputSpecError("no example inputs were given", SHAPE_HINT)
-    timings: dict[str, float] = {}
     modules = model.module().modules() if isinstance(model, torch.export.ExportedProgram) else model.modules()
     was_training = any(m.training for m in modules)
     target = _target(model, method, keep_structure)
-    reference = target.reference
-    cases = parity_inputs(specs, seed)
-    if target.fixed_shapes:
-        cases = [(f"batch {specs[0].shape[0]}", make_inputs(specs, seed))]
+    # The caller's model is the reference (no copy: peak memory stays near one extra model); eval_mode
+    # restores its train/eval flags afterwards and nothing writes to it.
+    with eval_mode(target.reference) if target.has_modes else contextlib.nullcontext(target.reference) as reference:
+        result = _fuse(target, reference, specs, atol, rtol, seed)
+    result.was_training = was_training
+    return result
 
-    run_model(reference, cases[0][1])  # a model that cannot run on these inputs fails here, with a clear message
+
+def _fuse(target: _Target, reference: Any, specs: list[InputSpec], atol, rtol, seed: int) -> FuseResult:
+    timings: dict[str, float] = {}
+    inputs = parity_inputs(specs, seed)
+    if target.fixed_shapes:
+        inputs = [(f"batch {specs[0].shape[0]}", make_inputs(specs, seed))]
+    cases = reference_cases(reference, inputs)  # a model that cannot run on these inputs fails here, clearly
+
     start = time.perf_counter()
-    draws = [x for _, x in cases] + [make_inputs(specs, seed + k) for k in (1, 2, 3)]
+    draws = [c.inputs for c in cases] + [make_inputs(specs, seed + k) for k in (1, 2, 3)]
     draws.append(tuple(-t if t.is_floating_point() else t for t in draws[-1]))  # the other sign, too
     found = target.discover(reference, draws)
     timings["discover"] = time.perf_counter() - start
@@ -163,22 +198,22 @@ def fuse(
     notes = list(found.notes)
 
     start = time.perf_counter()
-    parity = check_parity(reference, folded_model, cases, atol, rtol)
+    parity = check_parity(cases, folded_model, atol, rtol)
     if found.method != "fx":
         # Only a static trace proves a fold for every input: check another draw too, and take back any fold
         # that changes the outputs.
-        extra = [(f"{label}, seed {seed + 1}", x) for label, x in parity_inputs(specs, seed + 1)]
-        extra = extra[-1:] if target.fixed_shapes else extra
-        if not all(parity) or not all(check_parity(reference, folded_model, extra, atol, rtol)):
+        extra_inputs = [(f"{label}, seed {seed + 1}", x) for label, x in parity_inputs(specs, seed + 1)]
+        extra = reference_cases(reference, extra_inputs[-1:] if target.fixed_shapes else extra_inputs)
+        if not all(parity) or not all(check_parity(extra, folded_model, atol, rtol)):
             folded_model, applied, reverted = _revert_failing(reference, applied, cases + extra, atol, rtol,
                                                               target.host)
             skipped += reverted
             notes.append(f"{len(reverted)} fold(s) reverted after numerical checks")
-            parity = check_parity(reference, folded_model, cases, atol, rtol)
+            parity = check_parity(cases, folded_model, atol, rtol)
     timings["compare"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    result_model = target.finish(folded_model, cases[-1][1])
+    result_model = target.finish(folded_model, cases[-1].inputs)
     timings["finish"] = time.perf_counter() - start
     return FuseResult(
         model=result_model,
@@ -188,7 +223,6 @@ def fuse(
         discovery=found.method,
         notes=notes,
         timings=timings,
-        was_training=was_training,
     )
 
 
@@ -206,13 +240,14 @@ def _apply(reference: nn.Module, folds: list[Fold], host_type: type[ModuleHost])
     return model.eval(), applied, skipped
 
 
-def _revert_failing(reference: nn.Module, folds: list[Fold], cases, atol, rtol, host_type: type[ModuleHost]):
+def _revert_failing(reference: nn.Module, folds: list[Fold], cases: list[_Case], atol, rtol,
+                    host_type: type[ModuleHost]):
     """Keep the folds that, one at a time and then together, leave every output within tolerance."""
     kept: list[Fold] = []
     reverted: list[Skip] = []
     for fold in folds:
         candidate, _, _ = _apply(reference, [*kept, fold], host_type)
-        results = check_parity(reference, candidate, cases, atol, rtol)
+        results = check_parity(cases, candidate, atol, rtol)
         if all(results):
             kept.append(fold)
         else:

@@ -174,9 +174,11 @@ def test_observed_discovery_reverts_a_fold_that_changes_outputs(monkeypatch):
 
 def test_model_in_training_mode_is_folded_as_deployed():
     model = conv_bn().train()
+    model[2].eval()  # mixed flags must come back exactly as they were
     result = bnfold.fuse(model, (torch.randn(4, 3, 4, 4),))
     assert result.ok and result.was_training and len(result.folded) == 1
-    assert model.training  # the caller's model keeps its mode
+    assert [m.training for m in model.modules()] == [True, True, True, False]  # the caller's flags are restored
+    assert not result.model.training
 
 
 def test_compare_semantics():
