@@ -22,7 +22,7 @@ from bnfold.discover import discover, fx, script
 from bnfold.discover.graph import Discovery, Fold, Skip, pair, unrecognised
 from bnfold.errors import InputSpecError, ModelRunError
 from bnfold.fold.apply import CannotFold, GraphHost, KeepStructureHost, ModuleHost, ScriptHost, apply_fold
-from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs, specs_from_tensors
+from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs, seeded, specs_from_tensors
 
 
 @dataclass
@@ -61,9 +61,10 @@ class FuseResult:
         }
 
 
-def run_model(model: Callable[..., Any], inputs: tuple[Any, ...]) -> Any:
+def run_model(model: Callable[..., Any], inputs: tuple[Any, ...], seed: int = 0) -> Any:
+    """Run ``model`` without gradients, with the RNG seeded (see :func:`bnfold.inputs.seeded`)."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), seeded(seed):
             return model(*inputs)
     except Exception as exc:  # the user's model raised: report it as a usage problem
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))

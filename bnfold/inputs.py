@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +67,15 @@ def make_inputs(specs: list[InputSpec], seed: int, batch: int | None = None) -> 
 
 def specs_from_tensors(tensors: tuple[torch.Tensor, ...]) -> list[InputSpec]:
     return [InputSpec(tuple(t.shape), t.dtype) for t in tensors]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run with torch's global RNG seeded, leaving the caller's RNG state as it was.
+
+    Comparisons run both models under the same seed, so a stochastic layer draws the same numbers for both and
+    the comparison measures the folding, not the randomness (the audit's determinism probe finds that).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
