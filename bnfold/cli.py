@@ -157,5 +157,109 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
     return exit_code(result)
 
 
+@main.command("verify")
+@click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W[:DTYPE]",
+              help="Example input shape, repeat for several inputs (not needed for .pt2 programs).")
+@click.option("--arch", metavar="MODULE:FACTORY", help="Callable that builds the model, for state dicts.")
+@click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object.")
+@click.option("--trust-pickle", is_flag=True, help="Load whole pickled modules (runs code from the file).")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Compare this existing ONNX file with the torch model instead of exporting one.")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
+              help="ONNX exporter: the TorchScript one is fast; dynamo (torch.export-based) needs onnxscript and "
+                   "takes seconds.")
+@click.option("--skip", "skip_checks", multiple=True, type=click.Choice(["audit", "fold", "onnx"]),
+              help="Skip a group of checks (repeatable).")
+@click.option("--disable", metavar="CODE[,CODE]", help="Finding codes to ignore, e.g. BN011,BN006.")
+@click.option("--atol", type=float, help="Absolute tolerance [default: per dtype, 1e-5 for float32].")
+@click.option("--rtol", type=float, help="Tolerance relative to each output's max magnitude [default: 1e-4 "
+              "for float32].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random probe inputs.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="pyproject.toml with [[tool.bnfold.models]] [default: the nearest one, when MODEL is omitted].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the report as JSON.")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write JUnit XML (one test case per check per model) for CI dashboards.")
+@click.option("--format", "output_format", type=click.Choice(["text", "github"]), default="text", show_default=True,
+              help="github: also print GitHub Actions annotations (::error ...).")
+@click.option("--timings", is_flag=True, help="Print the time spent in each stage.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def verify_command(model_path: Path | None, input_shapes: tuple[str, ...], arch: str | None, arch_kwargs: str | None,
+                   trust_pickle: bool, onnx_path: Path | None, exporter: str, skip_checks: tuple[str, ...],
+                   disable: str | None, atol: float | None, rtol: float | None, seed: int, config_path: Path | None,
+                   json_path: Path | None, junit_path: Path | None, output_format: str, timings: bool,
+                   debug: bool) -> None:
+    """Catch train/inference-mode bugs and prove ONNX parity: one CI gate.
+
+    \b
+    Probes the eval model (batch independence, determinism, modules left in training mode), checks BN
+    statistics, folds and compares, exports to ONNX (or takes --onnx), lints the graph and compares
+    onnxruntime with PyTorch at batch 1 and the given batch. Finding codes BN001-BN012 are listed in the
+    README. Exit codes: 0 no error findings, 1 error findings, 2 could not run.
+
+    \b
+    Examples:
+      bnfold verify model.pt2                                  # by hand
+      bnfold verify ckpt.pt --arch mypkg.nets:resnet18 --input-shape 8,3,224,224 --junit verify.xml
+      bnfold verify model.onnx                                 # graph-only checks
+      bnfold verify                                            # CI: the models in pyproject.toml
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        code = _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_path, exporter,
+                           skip_checks, disable, atol, rtol, seed, config_path, json_path, junit_path, output_format,
+                           timings)
+    except BnfoldError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.hint)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"{type(exc).__name__}: {exc}".splitlines()[0], "rerun with --debug for the traceback, and please "
+              "report it")
+    sys.exit(code)
+
+
+def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_path, exporter, skip_checks,
+                disable, atol, rtol, seed, config_path, json_path, junit_path, output_format, timings) -> int:
+    from bnfold.config import ModelConfig, find_pyproject, load_config
+    from bnfold.report import github_annotations, junit_xml, render_verify, verify_document
+    from bnfold.verify import CHECKS, verify
+
+    disabled = tuple(c.strip().upper() for c in (disable or "").split(",") if c.strip())
+    if model_path is not None:
+        configs = [ModelConfig(path=model_path, name=str(model_path), arch=arch, arch_kwargs=arch_kwargs,
+                               input_specs=[parse_input_spec(s) for s in input_shapes], onnx=onnx_path,
+                               exporter=exporter, disable=disabled, atol=atol, rtol=rtol, trust_pickle=trust_pickle,
+                               seed=seed)]
+    else:
+        configs = load_config(config_path or find_pyproject(Path.cwd()))
+    status = Console(stderr=True)
+    reports = []
+    for i, cfg in enumerate(configs, 1):
+        checks = tuple(c for c in cfg.checks if c in CHECKS and c not in skip_checks)
+        with status.status(f"[{i}/{len(configs)}] verifying {cfg.name}"):
+            reports.append(verify(cfg.path, cfg.input_specs or None, onnx=cfg.onnx, exporter=cfg.exporter,
+                                  checks=checks, disable=tuple(dict.fromkeys(cfg.disable + disabled)),
+                                  atol=cfg.atol, rtol=cfg.rtol, seed=cfg.seed, arch=cfg.arch,
+                                  arch_kwargs=cfg.arch_kwargs, trust_pickle=cfg.trust_pickle, name=cfg.name))
+    console = Console(highlight=False)
+    render_verify(reports, console, timings=timings)
+    if output_format == "github":
+        text = github_annotations(reports)
+        if text:
+            click.echo(text)
+    if json_path is not None:
+        write_json(json_path, verify_document(reports))
+    if junit_path is not None:
+        from bnfold.save import write_atomic
+
+        xml = junit_xml(reports)
+        write_atomic(junit_path, lambda p: Path(p).write_text(xml))
+    return EXIT_OK if reports and all(r.ok for r in reports) else EXIT_FAILED
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

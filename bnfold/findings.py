@@ -69,3 +69,11 @@ class Finding:
     def __str__(self) -> str:
         where = f"{self.module}: " if self.module else ""
         return f"{self.code} {self.severity} {where}{self.message}"
+
+
+#: The check each code belongs to (JUnit test cases and the terminal table group findings by it).
+CHECK_OF_CODE = {
+    "BN001": "mode", "BN002": "batch independence", "BN003": "statistics", "BN004": "statistics",
+    "BN005": "statistics", "BN006": "statistics", "BN007": "determinism", "BN008": "fold parity",
+    "BN009": "onnx parity", "BN010": "onnx parity", "BN011": "onnx parity", "BN012": "handover",
+}

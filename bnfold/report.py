@@ -6,11 +6,13 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree as ET
 
 from rich.console import Console
 from rich.table import Table
 
 from bnfold.compare import Comparison, OutputDiff
+from bnfold.findings import CHECK_OF_CODE
 from bnfold.fuse import FuseResult
 from bnfold.save import write_atomic
 
@@ -81,3 +83,90 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+# -- verify ----------------------------------------------------------------------------------------------------
+def render_verify(reports: list[Any], console: Console, *, timings: bool = False) -> None:
+    for report in reports:
+        console.print(f"[bold]{report.model}[/bold]", highlight=False, soft_wrap=True)
+        for check in report.checks:
+            verdict = "[green]PASSED[/green]" if check.passed else "[red]FAILED[/red]"
+            console.print(f"  {verdict} | {check.name} | {check.detail}", highlight=False, soft_wrap=True)
+        for comparison in report.parity:
+            for diff in comparison.outputs:
+                if not diff.passed:
+                    console.print(f"  [red]{parity_line(comparison, diff)}[/red]", highlight=False, soft_wrap=True)
+        if report.findings:
+            table = Table(show_header=True, expand=False, title_justify="left")
+            for column in ("code", "severity", "module", "message", "hint"):
+                table.add_column(column, overflow="fold")
+            for f in report.findings:
+                style = "red" if f.severity == "error" else "yellow"
+                table.add_row(f.code, f"[{style}]{f.severity}[/{style}]", f.module or "(model)", f.message, f.hint)
+            console.print(table)
+        for note in report.notes:
+            console.print(f"  Note: {note}", highlight=False, soft_wrap=True)
+        if timings:
+            table = Table("stage", "seconds", "share", title="timings", title_justify="left")
+            total = report.timings.get("total", 0.0) or 1.0
+            for stage, seconds in report.timings.items():
+                if stage != "total":
+                    table.add_row(stage, f"{seconds:.3f}", f"{100 * seconds / total:.0f}%")
+            table.add_row("total", f"{report.timings.get('total', 0.0):.3f}", "100%")
+            console.print(table)
+    errors = sum(len(r.errors) for r in reports)
+    warnings = sum(len(r.findings) - len(r.errors) for r in reports)
+    verdict = "[green]PASSED[/green]" if all(r.ok for r in reports) else "[red]FAILED[/red]"
+    console.print(f"{verdict} | {len(reports)} model(s), {errors} error(s), {warnings} warning(s)", highlight=False,
+                  soft_wrap=True)
+
+
+def verify_document(reports: list[Any]) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": "verify",
+        "ok": bool(reports) and all(r.ok for r in reports),
+        "findings": [{"model": r.model, **f.to_dict()} for r in reports for f in r.findings],
+        "checks": [{"model": r.model, **c.to_dict()} for r in reports for c in r.checks],
+        "models": [r.to_dict() for r in reports],
+    }
+
+
+def junit_xml(reports: list[Any]) -> str:
+    """One <testsuite> per model, one <testcase> per check; findings become <failure>s of their check."""
+    suites = ET.Element("testsuites", name="bnfold verify")
+    for report in reports:
+        cases = [(c.name, c.passed, c.detail, c.seconds) for c in report.checks]
+        if any(f.code == "BN012" for f in report.findings):
+            cases.append(("handover", True, "model handed over in training mode", 0.0))
+        failures = sum(1 for name, passed, *_ in cases if not passed or _errors_of(report, name))
+        suite = ET.SubElement(suites, "testsuite", name=report.model, tests=str(len(cases)), failures=str(failures),
+                              time=f"{report.timings.get('total', 0.0):.3f}")
+        for name, passed, detail, seconds in cases:
+            case = ET.SubElement(suite, "testcase", classname=report.model, name=name, time=f"{seconds:.3f}")
+            errors = _errors_of(report, name)
+            if not passed or errors:
+                failure = ET.SubElement(case, "failure", message=detail)
+                failure.text = "\n".join(str(f) for f in errors) or detail
+            warnings = [f for f in report.findings if CHECK_OF_CODE[f.code] == name and f.severity == "warning"]
+            if warnings:
+                ET.SubElement(case, "system-out").text = "\n".join(str(f) for f in warnings)
+    return ET.tostring(suites, encoding="unicode", xml_declaration=True)
+
+
+def _errors_of(report: Any, check: str) -> list[Any]:
+    return [f for f in report.errors if CHECK_OF_CODE[f.code] == check]
+
+
+def github_annotations(reports: list[Any]) -> str:
+    """GitHub Actions workflow commands: one ::error/::warning line per finding."""
+    lines = []
+    for report in reports:
+        for f in report.findings:
+            where = f"{f.module}: " if f.module else ""
+            message = f"{report.model}: {where}{f.message}. {f.hint}".replace("%", "%25").replace("\n", "%0A")
+            lines.append(f"::{f.severity} title={f.code}::{message}")
+        for check in report.checks:
+            if not check.passed and not _errors_of(report, check.name):
+                lines.append(f"::error title={check.name}::{report.model}: {check.detail}")
+    return "\n".join(lines)
