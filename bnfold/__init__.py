@@ -3,14 +3,18 @@
 Public API::
 
     result = bnfold.fuse(model, example_inputs)   # -> FuseResult (.model, .folded, .skipped, .parity)
+    report = bnfold.verify(model, example_inputs)  # -> Report (truthy when deployable; .findings)
 """
 
 from bnfold.compare import Comparison, OutputDiff, compare
 from bnfold.discover.graph import Fold, Skip
 from bnfold.errors import BnfoldError
 from bnfold.fuse import FuseResult, fuse
+from bnfold.findings import CODES, Finding
 from bnfold.inputs import InputSpec
+from bnfold.verify import Report, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["BnfoldError", "Comparison", "Fold", "FuseResult", "InputSpec", "OutputDiff", "Skip", "compare", "fuse"]
+__all__ = ["CODES", "BnfoldError", "Comparison", "Finding", "Fold", "FuseResult", "InputSpec", "OutputDiff", "Report",
+           "Skip", "compare", "fuse", "verify"]

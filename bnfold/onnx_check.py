@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import subprocess
 import sys
 import tempfile
@@ -99,37 +100,94 @@ def lint(model: onnx.ModelProto) -> list[Finding]:
 class OrtRun:
     """What the child process returned: per case, the outputs of two runs in one session."""
 
-    outputs: dict[str, list[list[np.ndarray]]] = field(default_factory=dict)  # case -> run -> outputs
+    # case -> [optimised run, as-written run, as-written run again] -> outputs
+    outputs: dict[str, list[list[np.ndarray]]] = field(default_factory=dict)
     error: str | None = None
 
 
-def run_onnxruntime(path: Path, cases: dict[str, tuple[torch.Tensor, ...]], workdir: Path) -> OrtRun:
+class OrtWorker:
+    """A child process running onnxruntime; started early so its import overlaps with other work."""
+
+    def __init__(self) -> None:
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "bnfold.ort_worker", "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.used = False
+
+    def request(self, model: Path, inputs: Path, outputs: Path) -> str | None:
+        """Run one request; returns None on success, else what went wrong (a crash included)."""
+        self.used = True
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"model": str(model), "inputs": str(inputs),
+                                                  "outputs": str(outputs)}) + "\n")
+                self.proc.stdin.flush()
+                answer = self._answer()
+            except (BrokenPipeError, OSError):
+                answer = ""
+            if answer == "ok":
+                return None
+            if answer.startswith("error "):
+                return f"onnxruntime failed: {answer[6:]}"
+        code = self.proc.wait(timeout=ORT_TIMEOUT_S)
+        self._stderr.seek(0)
+        last = (self._stderr.read().strip().splitlines() or [""])[-1][:300]
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+        return f"onnxruntime {how}: {last}".rstrip(": ")
+
+    def _answer(self) -> str:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                return ""  # the process died
+            if line.strip() != "ready":
+                return line.strip()
+
+    def close(self) -> None:
+        if not self.used:
+            self.proc.kill()  # never asked for anything (the export failed): do not wait for its import
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
+            if not stream.closed:
+                stream.close()
+
+    def __enter__(self) -> OrtWorker:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def run_onnxruntime(path: Path, cases: dict[str, tuple[torch.Tensor, ...]], workdir: Path,
+                    worker: OrtWorker | None = None) -> OrtRun:
     model = onnx.load(str(path), load_external_data=False)
-    input_names = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
+    initializers = {x.name for x in model.graph.initializer}
+    input_names = [i.name for i in model.graph.input if i.name not in initializers]
     feeds = {}
     for case, tensors in cases.items():
         for name, tensor in zip(input_names, tensors):
             feeds[f"{case}/{name}"] = tensor.detach().cpu().numpy()
     inputs_path, outputs_path = workdir / "ort_inputs.npz", workdir / "ort_outputs.npz"
     np.savez(inputs_path, **feeds)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bnfold.ort_worker", str(path), str(inputs_path),
-                               str(outputs_path)], capture_output=True, text=True, timeout=ORT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return OrtRun(error=f"onnxruntime did not finish within {ORT_TIMEOUT_S} s")
-    if proc.returncode != 0:
-        how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with {proc.returncode}"
-        last = (proc.stderr.strip().splitlines() or [""])[-1][:300]
-        return OrtRun(error=f"onnxruntime {how}: {last}".rstrip(": "))
+    with contextlib.ExitStack() as stack:
+        worker = worker or stack.enter_context(OrtWorker())
+        error = worker.request(path, inputs_path, outputs_path)
+    if error:
+        return OrtRun(error=error)
     arrays = np.load(outputs_path)
-    run = OrtRun()
+    outputs: dict[str, list[list[tuple[int, np.ndarray]]]] = {}
     for key in arrays.files:
         case, index, attempt = key.split("/")
-        runs = run.outputs.setdefault(case, [[], []])
-        runs[int(attempt)].append((int(index), arrays[key]))
-    for case, runs in run.outputs.items():
-        run.outputs[case] = [[a for _, a in sorted(r, key=lambda t: t[0])] for r in runs]
-    return run
+        outputs.setdefault(case, [[], [], []])[int(attempt)].append((int(index), arrays[key]))
+    return OrtRun({case: [[a for _, a in sorted(r, key=lambda t: t[0])] for r in runs]
+                   for case, runs in outputs.items()})
 
 
 def static_batch(path: Path) -> int | None:
@@ -164,6 +222,7 @@ def check_onnx(
     atol: float | None,
     rtol: float | None,
     workdir: Path | None = None,
+    worker: OrtWorker | None = None,
 ) -> OnnxResult:
     """Export (unless ``onnx_path`` is given), lint, run onnxruntime and compare with ``expected``.
 
@@ -193,7 +252,7 @@ def check_onnx(
                                                  "that batch size"))
             return OnnxResult(findings, [], timings, onnx_path)
         start = time.perf_counter()
-        run = run_onnxruntime(onnx_path, {label: value[0] for label, value in cases.items()}, workdir)
+        run = run_onnxruntime(onnx_path, {label: value[0] for label, value in cases.items()}, workdir, worker)
         timings["onnxruntime"] = time.perf_counter() - start
     if run.error:
         findings.append(Finding("BN010", "", run.error))
@@ -202,7 +261,7 @@ def check_onnx(
     parity = []
     for label, (_, torch_out) in cases.items():
         reference = flatten_outputs(torch_out)
-        first, second = run.outputs[label]
+        first, written, again = run.outputs[label]
         comparison = Comparison(f"onnxruntime {label}", [compare_output(name, ref, got, atol, rtol)
                                                          for (name, ref), got in zip(reference.items(), first)])
         if len(first) != len(reference):
@@ -213,7 +272,7 @@ def check_onnx(
             worst = comparison.worst()
             figure = f"max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g} at {worst.worst_index} in {worst.name}" if worst else ""
             findings.append(Finding("BN010", "", f"{label}: {figure}"))
-        if any(a.shape != b.shape or not np.array_equal(a, b, equal_nan=True) for a, b in zip(first, second)):
+        if any(a.shape != b.shape or not np.array_equal(a, b, equal_nan=True) for a, b in zip(written, again)):
             findings.append(Finding("BN007", "onnx", f"{label}: two runs of the same input in one onnxruntime session "
                                                      "differ (a stochastic op is active in the graph)"))
     timings["compare"] = time.perf_counter() - start
