@@ -29,7 +29,7 @@ from bnfold.compare import flatten_outputs
 from bnfold.findings import Finding
 from bnfold.fuse import run_model
 from bnfold.inputs import InputSpec, make_inputs, seeded
-from bnfold.layers import bn_ref, is_bn_module
+from bnfold.layers import BNRef, bn_ref, get_tensor, is_bn_module
 
 DEGENERATE_SCALE = 1e3
 #: Relative difference (to the output's scale) above which a probe calls two outputs different.
@@ -72,44 +72,58 @@ def all_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 # -- static checks -------------------------------------------------------------------------------------
+def bn_refs(model: nn.Module) -> list[tuple[BNRef, nn.Module | None]]:
+    """Every BN of ``model`` with its module: modules (hidden ones too), or batch-norm calls of an exported graph."""
+    refs = [(bn_ref(name, m), m) for name, m in all_modules(model).items() if is_bn_module(m)]
+    if isinstance(model, torch.fx.GraphModule) and not refs:  # a torch.export program: BNs are graph calls
+        from bnfold.discover.fx import graph_nodes
+
+        refs = [(n.bn, None) for n in graph_nodes(model, model).values() if n.bn is not None]
+    return refs
+
+
 def static_findings(model: nn.Module) -> list[Finding]:
     findings: list[Finding] = []
-    for name, module in all_modules(model).items():
-        if not is_bn_module(module):
-            continue
-        ref = bn_ref(name, module)
-        if not getattr(module, "track_running_stats", True):
-            findings.append(Finding("BN003", name, f"{type(module).__name__}(track_running_stats=False) normalises "
-                                                   "every batch with its own statistics, also in eval"))
-            continue
-        if ref.batch_stats:  # track_running_stats=True but the buffers are None
-            findings.append(Finding("BN003", name, "running_mean/running_var are None although "
-                                                   "track_running_stats=True: eval uses batch statistics"))
-            continue
-        findings += _stat_findings(name, module)
+    for ref, module in bn_refs(model):
+        if module is not None and not getattr(module, "track_running_stats", True):
+            findings.append(Finding("BN003", ref.name, f"{type(module).__name__}(track_running_stats=False) "
+                                                       "normalises every batch with its own statistics, also in eval"))
+        elif ref.batch_stats:
+            findings.append(Finding("BN003", ref.name, "running_mean/running_var are None although "
+                                                       "track_running_stats=True: eval uses batch statistics"))
+        elif module is not None:  # read the module itself: hidden modules have no path from the root
+            findings += _stat_findings(module, bn_ref("", module), ref.name)
+        else:
+            findings += _stat_findings(model, ref, ref.name)
     return findings
 
 
-def _stat_findings(name: str, module: nn.Module) -> list[Finding]:
-    mean, var = module.running_mean.detach(), module.running_var.detach()
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+def _stat_findings(root: nn.Module, ref: BNRef, name: str) -> list[Finding]:
+    """Checks of one BN's tensors, read through ``ref``'s paths from ``root``; findings are reported as ``name``."""
+    assert ref.mean is not None and ref.var is not None
+    mean, var = get_tensor(root, ref.mean).detach(), get_tensor(root, ref.var).detach()
+    weight = get_tensor(root, ref.weight).detach() if ref.weight else None
+    bias = get_tensor(root, ref.bias).detach() if ref.bias else None
     for label, t in (("running_mean", mean), ("running_var", var), ("weight", weight), ("bias", bias)):
-        if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t.detach())).nonzero()[0, 0])
-            return [Finding("BN005", name, f"{label}[{bad}] = {t.detach().flatten()[bad].item()}")]
+        if t is not None and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).nonzero()[0, 0])
+            return [Finding("BN005", name, f"{label}[{bad}] = {t.flatten()[bad].item()}")]
     found = []
-    tracked = getattr(module, "num_batches_tracked", None)
-    untouched = bool((mean == 0).all() and (var == 1).all())
-    if untouched and (tracked is None or int(tracked) == 0):
-        found.append(Finding("BN004", name, f"running_mean is all 0 and running_var all 1 over {mean.numel()} channels"
-                                            f" (num_batches_tracked={None if tracked is None else int(tracked)})"))
-    gamma = torch.ones_like(var, dtype=torch.float64) if weight is None else weight.detach().double().abs()
-    scale = gamma / torch.sqrt(var.double() + float(module.eps))
+    try:
+        tracked: int | None = int(get_tensor(root, ref.mean.rpartition(".")[0] + ".num_batches_tracked"
+                                             if "." in ref.mean else "num_batches_tracked"))
+    except (AttributeError, KeyError):
+        tracked = None
+    if bool((mean == 0).all() and (var == 1).all()) and not tracked:
+        found.append(Finding("BN004", name, f"running_mean is all 0 and running_var all 1 over {mean.numel()} "
+                                                f"channels (num_batches_tracked={tracked})"))
+    gamma = torch.ones_like(var, dtype=torch.float64) if weight is None else weight.double().abs()
+    scale = gamma / torch.sqrt(var.double() + ref.eps)
     worst = int(torch.argmax(scale))
     if scale[worst] > DEGENERATE_SCALE:
         found.append(Finding("BN006", name, f"running_var min {var.min().item():.3g} in channel "
-                                            f"{int(torch.argmin(var))}: folding scales channel {worst} by "
-                                            f"{scale[worst].item():.3g}"))
+                                                f"{int(torch.argmin(var))}: folding scales channel {worst} by "
+                                                f"{scale[worst].item():.3g}"))
     return found
 
 
@@ -208,77 +222,104 @@ def _culprit(run_a: list[tuple[str, torch.Tensor]], run_b: list[tuple[str, torch
     return None
 
 
-def probe(model: nn.Module, specs: list[InputSpec], seed: int = 0, has_modes: bool = True
-          ) -> tuple[list[Finding], list[ProbeResult]]:
-    """Run the mode, batch-independence and determinism probes on a copy of ``model`` in eval mode.
+def probe(model: nn.Module, specs: list[InputSpec], seed: int = 0, has_modes: bool = True,
+          fixed_batch: bool = False) -> tuple[list[Finding], list[ProbeResult]]:
+    """Run the mode, batch-independence, batch-1 and determinism probes on a copy of ``model`` in eval mode.
 
     ``has_modes=False`` for graphs whose mode is baked in (``torch.export``): they are probed as they are.
+    ``fixed_batch=True`` for programs that run at the example batch size only: batch 1 is not probed.
     """
     model = copy.deepcopy(model)
     if has_modes:
         model.eval()
-    modules = all_modules(model)
-    findings: list[Finding] = []
-    results: list[ProbeResult] = []
-    batch = max(specs[0].shape[0] if specs[0].shape else 1, 4)
-    x0 = make_inputs(specs, seed, batch=1)
-    companions = [make_inputs(specs, seed + k, batch=batch - 1) for k in (1, 2)]
-    batch_a, batch_b = (tuple(torch.cat([a, c]) for a, c in zip(x0, comp)) for comp in companions)
+    session = _Probes(model, specs, seed, fixed_batch)
+    session.mode()
+    session.batch_independence()
+    session.batch_one()
+    session.determinism()
+    return session.findings, session.results
 
-    # Mode: training flags at call time, over two calls (a forward may flip flags on its first call only).
-    with _Tap(modules, sample=None) as tap, _ForcedTraining(tap) as forced:
-        _run(model, batch_a, seed)
-        _run(model, batch_a, seed)
-    for name, calls in tap.training_calls.items():
-        # Names with [...] come from hidden_modules(): plain lists/dicts that model.eval() never reaches.
-        how = ("kept in a plain Python attribute, so model.eval() never reaches it" if "[" in name
-               else "training=True when called after model.eval()")
-        if is_bn_module(modules[name]) or isinstance(modules[name], nn.modules.dropout._DropoutNd):
-            findings.append(Finding("BN001", name, f"{type(modules[name]).__name__}: {how} ({calls} call(s))"))
-    for name, calls in forced.forced_bn.items():
-        if name not in tap.training_calls:  # a module in training mode explains its own calls
-            findings.append(Finding("BN001", name, f"forward calls batch_norm with training=True ({calls} call(s))"))
-    results.append(ProbeResult("mode", not findings, "all modules in eval mode during forward" if not findings else
-                               f"{len(findings)} module(s) or call(s) in training mode"))
 
-    # Batch independence at equal batch size: a sharp signal. The RNG is reseeded before each run so that
-    # an active dropout draws the same mask for both and does not pass for batch dependence.
-    with _Tap(modules, sample=0) as tap_a:
-        out_a = _run(model, batch_a, seed)
-    with _Tap(modules, sample=0) as tap_b:
-        out_b = _run(model, batch_b, seed)
-    diff = _rel_diff(_first_sample(out_a, 0), _first_sample(out_b, 0))
-    dependent = diff > PROBE_RTOL["same_batch"]
-    if dependent:
-        where = _culprit(tap_a.outputs, tap_b.outputs, PROBE_RTOL["same_batch"]) or ""
-        findings.append(Finding("BN002", where, f"sample 0's output changes by {diff:.3g} (relative to its scale) "
-                                                f"when its {batch - 1} batch companions change"))
-    results.append(ProbeResult("batch independence", not dependent,
-                               f"max rel change {diff:.3g} across companions at batch {batch}", {"max_rel": diff}))
+class _Probes:
+    """The probes share one model copy, its modules, the probe inputs and the first probe run."""
 
-    # Batch 1: the sample alone (different kernels, so a looser threshold).
-    try:
-        with torch.no_grad(), seeded(seed):
-            alone = model(*x0)
-        diff1 = _rel_diff(_first_sample(alone, 0), _first_sample(out_a, 0))
-        detail = f"max rel change {diff1:.3g} between batch 1 and batch {batch}"
-    except Exception as exc:  # "Expected more than 1 value per channel when training"
-        diff1 = float("inf")
-        detail = f"batch 1 fails: {str(exc).strip().splitlines()[0][:200]}"
-    single_dependent = diff1 > PROBE_RTOL["batch_1"]
-    if single_dependent and not dependent:
-        findings.append(Finding("BN002", "", f"batch 1 differs from batch {batch}: {detail}"))
-    results.append(ProbeResult("batch 1", not single_dependent, detail, {"max_rel": diff1}))
+    def __init__(self, model: nn.Module, specs: list[InputSpec], seed: int, fixed_batch: bool) -> None:
+        self.model, self.seed, self.fixed_batch = model, seed, fixed_batch
+        self.modules = all_modules(model)
+        self.findings: list[Finding] = []
+        self.results: list[ProbeResult] = []
+        given = specs[0].shape[0] if specs[0].shape else 1
+        self.batch = given if fixed_batch else max(given, 4)
+        self.x0 = make_inputs(specs, seed, batch=1)
+        companions = [make_inputs(specs, seed + k, batch=self.batch - 1) for k in (1, 2)]
+        self.batch_a, self.batch_b = (tuple(torch.cat([a, c]) for a, c in zip(self.x0, comp)) for comp in companions)
 
-    # Determinism: the same batch again under another seed; a deterministic model does not care.
-    with _Tap(modules, sample=0) as tap_c:
-        out_c = _run(model, batch_a, seed + 1)
-    diff2 = _rel_diff(_first_sample(out_a, 0), _first_sample(out_c, 0))
-    random = diff2 > 0 or forced.dropouts > 0
-    if random:
-        where = _culprit(tap_a.outputs, tap_c.outputs, 0.0) or ""
-        extra = f"; {forced.dropouts} dropout call(s) with training=True" if forced.dropouts else ""
-        findings.append(Finding("BN007", where, f"the same input gave outputs differing by {diff2:.3g}{extra}"))
-    results.append(ProbeResult("determinism", not random, f"max rel change {diff2:.3g} between identical runs",
-                               {"max_rel": diff2}))
-    return findings, results
+    def _tapped(self, inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[Any, _Tap]:
+        with _Tap(self.modules, sample=0) as tap:
+            return _run(self.model, inputs, seed), tap
+
+    def mode(self) -> None:
+        """Training flags at call time, over two calls (a forward may flip flags on its first call only)."""
+        with _Tap(self.modules, sample=None) as tap, _ForcedTraining(tap) as forced:
+            _run(self.model, self.batch_a, self.seed)
+            _run(self.model, self.batch_a, self.seed)
+        self.dropouts = forced.dropouts
+        found = []
+        for name, calls in tap.training_calls.items():
+            # Names with [...] come from hidden_modules(): plain lists/dicts that model.eval() never reaches.
+            how = ("kept in a plain Python attribute, so model.eval() never reaches it" if "[" in name
+                   else "training=True when called after model.eval()")
+            module = self.modules[name]
+            if is_bn_module(module) or isinstance(module, nn.modules.dropout._DropoutNd):
+                found.append(Finding("BN001", name, f"{type(module).__name__}: {how} ({calls} call(s))"))
+        for name, calls in forced.forced_bn.items():
+            if name not in tap.training_calls:  # a module in training mode explains its own calls
+                found.append(Finding("BN001", name, f"forward calls batch_norm with training=True ({calls} call(s))"))
+        self.findings += found
+        self.results.append(ProbeResult("mode", not found, "all modules in eval mode during forward" if not found
+                                        else f"{len(found)} module(s) or call(s) in training mode"))
+
+    def batch_independence(self) -> None:
+        """One sample, two sets of companions at equal batch size: a sharp signal. Both runs use the same seed,
+        so an active dropout draws the same mask and does not pass for batch dependence."""
+        self.out_a, self.tap_a = self._tapped(self.batch_a, self.seed)
+        out_b, tap_b = self._tapped(self.batch_b, self.seed)
+        diff = _rel_diff(_first_sample(self.out_a, 0), _first_sample(out_b, 0))
+        self.dependent = diff > PROBE_RTOL["same_batch"]
+        if self.dependent:
+            where = _culprit(self.tap_a.outputs, tap_b.outputs, PROBE_RTOL["same_batch"]) or ""
+            self.findings.append(Finding("BN002", where, f"sample 0's output changes by {diff:.3g} (relative to its "
+                                                         f"scale) when its {self.batch - 1} batch companions change"))
+        self.results.append(ProbeResult("batch independence", not self.dependent, f"max rel change {diff:.3g} across "
+                                        f"companions at batch {self.batch}", {"max_rel": diff}))
+
+    def batch_one(self) -> None:
+        """The sample alone: other kernels than in a batch, so a looser threshold."""
+        if self.fixed_batch:
+            self.results.append(ProbeResult("batch 1", True, f"not checked: the program runs at batch {self.batch} "
+                                                             "only"))
+            return
+        try:
+            with torch.no_grad(), seeded(self.seed):
+                alone = self.model(*self.x0)
+            diff = _rel_diff(_first_sample(alone, 0), _first_sample(self.out_a, 0))
+            detail = f"max rel change {diff:.3g} between batch 1 and batch {self.batch}"
+        except Exception as exc:  # "Expected more than 1 value per channel when training"
+            diff = float("inf")
+            detail = f"batch 1 fails: {str(exc).strip().splitlines()[0][:200]}"
+        failed = diff > PROBE_RTOL["batch_1"]
+        if failed and not self.dependent:
+            self.findings.append(Finding("BN002", "", f"batch 1 differs from batch {self.batch}: {detail}"))
+        self.results.append(ProbeResult("batch 1", not failed, detail, {"max_rel": diff}))
+
+    def determinism(self) -> None:
+        """The same batch again under another seed; a deterministic model does not care."""
+        out_c, tap_c = self._tapped(self.batch_a, self.seed + 1)
+        diff = _rel_diff(_first_sample(self.out_a, 0), _first_sample(out_c, 0))
+        random = diff > 0 or self.dropouts > 0
+        if random:
+            where = _culprit(self.tap_a.outputs, tap_c.outputs, 0.0) or ""
+            extra = f"; {self.dropouts} dropout call(s) with training=True" if self.dropouts else ""
+            self.findings.append(Finding("BN007", where, f"the same input gave outputs differing by {diff:.3g}{extra}"))
+        self.results.append(ProbeResult("determinism", not random, f"max rel change {diff:.3g} between identical "
+                                        "runs", {"max_rel": diff}))

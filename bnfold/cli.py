@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from bnfold import __version__
 from bnfold.errors import BnfoldError, InputSpecError, OutputError
@@ -31,7 +32,7 @@ def exit_code(result: FuseResult) -> int:
 
 def _fail(message: str, hint: str | None = None) -> None:
     console = Console(stderr=True, highlight=False)
-    console.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True)
     if hint:
         console.print(f"Note: {hint}", markup=False, soft_wrap=True)
     sys.exit(EXIT_USAGE)

@@ -77,3 +77,10 @@ CHECK_OF_CODE = {
     "BN005": "statistics", "BN006": "statistics", "BN007": "determinism", "BN008": "fold parity",
     "BN009": "onnx parity", "BN010": "onnx parity", "BN011": "onnx parity", "BN012": "handover",
 }
+
+#: The codes that can make each check fail (a check failing only through disabled codes passes).
+CODES_OF_CHECK: dict[str, tuple[str, ...]] = {
+    "statistics": ("BN003", "BN004", "BN005", "BN006"), "mode": ("BN001",), "batch independence": ("BN002",),
+    "batch 1": ("BN002",), "determinism": ("BN007",), "fold parity": ("BN008",),
+    "onnx parity": ("BN009", "BN010", "BN011"),
+}

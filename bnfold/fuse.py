@@ -22,6 +22,7 @@ from bnfold.discover import discover, fx, script
 from bnfold.discover.graph import Discovery, Fold, Skip, pair, unrecognised
 from bnfold.errors import InputSpecError, ModelRunError
 from bnfold.fold.apply import CannotFold, GraphHost, KeepStructureHost, ModuleHost, ScriptHost, apply_fold
+from bnfold.load import has_static_batch
 from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs, seeded, specs_from_tensors
 
 
@@ -116,7 +117,7 @@ class _Target:
     discover: Callable[[Any, list[tuple[torch.Tensor, ...]]], Discovery]
     host: type[ModuleHost]
     finish: Callable[[Any, tuple[torch.Tensor, ...]], Any] = lambda model, inputs: model  # noqa: E731
-    fixed_shapes: bool = False  # the model only runs at the example shapes (an exported program)
+    fixed_shapes: bool = False  # the model only runs at the example batch size (an exported program)
     has_modes: bool = True  # train()/eval() apply (an exported program's mode is baked into its graph)
 
 
@@ -131,7 +132,7 @@ def _target(model: Any, method: str, keep_structure: bool) -> _Target:
             discover=lambda gm, draws: unrecognised(pair(fx.graph_nodes(gm, gm), "export"), _stat_paths(gm)),
             host=GraphHost,
             finish=lambda gm, inputs: torch.export.export(gm, inputs),
-            fixed_shapes=True,
+            fixed_shapes=has_static_batch(model),
             has_modes=False,
         )
     if isinstance(model, torch.jit.ScriptModule):

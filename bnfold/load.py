@@ -227,6 +227,16 @@ def program_input_specs(program: torch.export.ExportedProgram) -> list[InputSpec
     return specs
 
 
+def has_static_batch(program: torch.export.ExportedProgram) -> bool:
+    """Whether the program's first input has a fixed batch size (it then runs at that size only)."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            return isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], int)
+    return True
+
+
 def _dim(d: Any) -> int:
     try:
         return int(d)

@@ -34,15 +34,22 @@ ORT_TIMEOUT_S = 600
 
 
 def export_onnx(model: Any, inputs: tuple[torch.Tensor, ...], path: Path, exporter: str = "torchscript") -> None:
-    """Export ``model`` (already in eval mode) with a dynamic batch axis on every input and output."""
+    """Export ``model`` (already in eval mode) with a dynamic batch axis on every input and output.
+
+    A ``torch.export`` program is translated as it is (its own shapes, dynamic or not), by the dynamo exporter.
+    """
+    program = model if isinstance(model, torch.export.ExportedProgram) else None
     with torch.no_grad():
-        n_outputs = len(flatten_outputs(model(*inputs)))
+        n_outputs = len(flatten_outputs((program.module() if program else model)(*inputs)))
     input_names = [f"input_{i}" for i in range(len(inputs))]
     output_names = [f"output_{i}" for i in range(n_outputs)]
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
         warnings.simplefilter("ignore")
-        if exporter == "dynamo":
+        if program is not None:
+            torch.onnx.export(program, inputs, str(path), dynamo=True, input_names=input_names,
+                              output_names=output_names)
+        elif exporter == "dynamo":
             batch = torch.export.Dim.AUTO if hasattr(torch.export.Dim, "AUTO") else torch.export.Dim("batch")
             torch.onnx.export(model, inputs, str(path), dynamo=True, input_names=input_names,
                               output_names=output_names, dynamic_shapes=tuple({0: batch} for _ in inputs))
@@ -56,16 +63,20 @@ def _node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}#{index}"
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant outputs by name (their data is read only when needed, from ``base_dir``)."""
+    tensors = {init.name: init for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
+            tensors[node.output[0]] = node.attribute[0].t
+    return tensors
 
 
-def lint(model: onnx.ModelProto) -> list[Finding]:
-    """BN009 (training-mode BatchNormalization/Dropout) and BN011 (a foldable BatchNormalization left in)."""
+def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
+    """BN009 (training-mode BatchNormalization/Dropout) and BN011 (a foldable BatchNormalization left in).
+
+    ``base_dir`` is where external tensor data lives (the model file's folder).
+    """
     graph = model.graph
     constants = _constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
@@ -89,7 +100,8 @@ def lint(model: onnx.ModelProto) -> list[Finding]:
                 findings.append(Finding("BN011", name, f"follows {src.op_type} {src.name or '(unnamed)'} and could "
                                                        "be folded into its weights"))
         elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
-            flag = constants.get(node.input[2])
+            tensor = constants.get(node.input[2])
+            flag = None if tensor is None else numpy_helper.to_array(tensor, base_dir=str(base_dir or ""))
             if flag is None or bool(np.asarray(flag).item()):
                 state = "true" if flag is not None else "a graph input (may be true)"
                 findings.append(Finding("BN009", name, f"Dropout with training_mode {state}: random at inference"))
@@ -242,7 +254,7 @@ def check_onnx(
             finally:
                 timings["export"] = time.perf_counter() - start
         start = time.perf_counter()
-        findings = lint(onnx.load(str(onnx_path), load_external_data=False))
+        findings = lint(onnx.load(str(onnx_path), load_external_data=False), onnx_path.parent)
         fixed = static_batch(onnx_path)
         cases = {label: value for label, value in expected.items()
                  if fixed is None or value[0][0].shape[0] == fixed}

@@ -9,6 +9,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bnfold.compare import Comparison, OutputDiff
@@ -40,25 +41,27 @@ def render_fuse(result: FuseResult, console: Console, *, source: str, output: st
     table.add_column("into / reason", overflow="fold")
     for fold in result.folded:
         arrow = f"{fold.layer.name} ({fold.layer.kind}, BN {fold.position})"
-        table.add_row(fold.bn.name, "[green]folded[/green]", arrow)
+        table.add_row(escape(fold.bn.name), "[green]folded[/green]", escape(arrow))
     for skip in result.skipped:
-        table.add_row(skip.bn, "[yellow]skipped[/yellow]", skip.reason)
+        table.add_row(escape(skip.bn), "[yellow]skipped[/yellow]", escape(skip.reason))
     if result.folded or result.skipped:
         console.print(table)
     else:
         console.print("No BatchNorm layers found.")
     for note in result.notes:
-        console.print(f"Note: {note}", highlight=False, soft_wrap=True)
+        console.print(f"Note: {escape(note)}", highlight=False, soft_wrap=True)
     if result.was_training:
         console.print("Note: the model was handed over in training mode; it was folded and compared in eval mode",
                       highlight=False, soft_wrap=True)
     for comparison in result.parity:
         for diff in comparison.outputs:
             style = "green" if diff.passed else "red"
-            console.print(f"[{style}]{parity_line(comparison, diff)}[/{style}]", highlight=False, soft_wrap=True)
+            console.print(f"[{style}]{escape(parity_line(comparison, diff))}[/{style}]", highlight=False,
+                          soft_wrap=True)
     summary = f"{len(result.folded)} folded, {len(result.skipped)} skipped (discovery: {result.discovery})"
     if result.ok:
-        console.print(f"[green]PASSED[/green] | {summary}" + (f" | wrote {output}" if output else ""), highlight=False,
+        console.print(f"[green]PASSED[/green] | {summary}" + (f" | wrote {escape(output)}" if output else ""),
+                      highlight=False,
                       soft_wrap=True)
     else:
         console.print(f"[red]FAILED[/red] | {summary} | parity outside tolerance, nothing written", highlight=False,
@@ -88,24 +91,26 @@ def _finite(value: Any) -> Any:
 # -- verify ----------------------------------------------------------------------------------------------------
 def render_verify(reports: list[Any], console: Console, *, timings: bool = False) -> None:
     for report in reports:
-        console.print(f"[bold]{report.model}[/bold]", highlight=False, soft_wrap=True)
+        console.print(f"[bold]{escape(report.model)}[/bold]", highlight=False, soft_wrap=True)
         for check in report.checks:
             verdict = "[green]PASSED[/green]" if check.passed else "[red]FAILED[/red]"
-            console.print(f"  {verdict} | {check.name} | {check.detail}", highlight=False, soft_wrap=True)
+            console.print(f"  {verdict} | {check.name} | {escape(check.detail)}", highlight=False, soft_wrap=True)
         for comparison in report.parity:
             for diff in comparison.outputs:
                 if not diff.passed:
-                    console.print(f"  [red]{parity_line(comparison, diff)}[/red]", highlight=False, soft_wrap=True)
+                    console.print(f"  [red]{escape(parity_line(comparison, diff))}[/red]", highlight=False,
+                                  soft_wrap=True)
         if report.findings:
             table = Table(show_header=True, expand=False, title_justify="left")
             for column in ("code", "severity", "module", "message", "hint"):
                 table.add_column(column, overflow="fold")
             for f in report.findings:
                 style = "red" if f.severity == "error" else "yellow"
-                table.add_row(f.code, f"[{style}]{f.severity}[/{style}]", f.module or "(model)", f.message, f.hint)
+                table.add_row(f.code, f"[{style}]{f.severity}[/{style}]", escape(f.module or "(model)"),
+                              escape(f.message), escape(f.hint))
             console.print(table)
         for note in report.notes:
-            console.print(f"  Note: {note}", highlight=False, soft_wrap=True)
+            console.print(f"  Note: {escape(note)}", highlight=False, soft_wrap=True)
         if timings:
             table = Table("stage", "seconds", "share", title="timings", title_justify="left")
             total = report.timings.get("total", 0.0) or 1.0

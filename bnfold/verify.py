@@ -21,10 +21,10 @@ from torch import nn
 from bnfold import audit
 from bnfold.compare import Comparison
 from bnfold.errors import BnfoldError, InputSpecError
-from bnfold.findings import CODES, Finding
+from bnfold.findings import CODES, CODES_OF_CHECK, Finding
 from bnfold.fuse import eval_mode, fuse, parity_inputs, reference_cases
 from bnfold.inputs import SHAPE_HINT, InputSpec, specs_from_tensors
-from bnfold.load import Loaded, load
+from bnfold.load import Loaded, has_static_batch, load
 from bnfold.onnx_check import OrtWorker, check_onnx
 
 CHECKS = ("audit", "fold", "onnx")
@@ -117,21 +117,35 @@ def verify(
     specs = _specs(example_inputs, loaded)
     subject = loaded.model.module() if isinstance(loaded.model, torch.export.ExportedProgram) else loaded.model
     has_modes = not isinstance(loaded.model, torch.export.ExportedProgram)
+    fixed_batch = not has_modes and has_static_batch(loaded.model)
 
     if has_modes and any(m.training for m in subject.modules()):
         report.findings.append(Finding("BN012", "", "handed over with model.training=True; verified after eval()"))
     # Start onnxruntime's process first: its slow import overlaps with the audit, the fold and the export.
     with OrtWorker() if "onnx" in checks else contextlib.nullcontext() as worker:
         if "audit" in checks:
-            _audit(subject, specs, seed, report, has_modes)
+            _audit(subject, specs, seed, report, has_modes, fixed_batch)
         if "fold" in checks:
             _fold(loaded.model, specs, seed, atol, rtol, report)
         if "onnx" in checks:
-            _onnx(subject, specs, seed, atol, rtol, exporter, Path(onnx) if onnx else None, report, has_modes,
-                  worker)
-    report.findings = [f for f in report.findings if f.code not in disable]
+            if not has_modes:
+                report.notes.append("a torch.export program is exported to ONNX as it is, by the dynamo exporter")
+            _onnx(subject if has_modes else loaded.model, specs, seed, atol, rtol, exporter if has_modes else "dynamo",
+                  Path(onnx) if onnx else None, report, has_modes, fixed_batch, worker)
+    _apply_disable(report)
     report.timings["total"] = time.perf_counter() - start
     return report
+
+
+def _apply_disable(report: Report) -> None:
+    """Drop disabled codes; a check that failed only through them passes, and says so."""
+    report.findings = [f for f in report.findings if f.code not in report.disabled]
+    for check in report.checks:
+        codes = CODES_OF_CHECK.get(check.name, ())
+        silenced = [c for c in codes if c in report.disabled]
+        if not check.passed and silenced and not any(f.code in codes for f in report.errors):
+            check.passed = True
+            check.detail += f" (disabled: {', '.join(silenced)})"
 
 
 def _specs(example_inputs: Any, loaded: Loaded) -> list[InputSpec]:
@@ -158,7 +172,8 @@ class _Stage:
         timings[self.stage] = timings.get(self.stage, 0.0) + time.perf_counter() - self.start
 
 
-def _audit(model: Any, specs: list[InputSpec], seed: int, report: Report, has_modes: bool) -> None:
+def _audit(model: Any, specs: list[InputSpec], seed: int, report: Report, has_modes: bool,
+           fixed_batch: bool) -> None:
     with _Stage(report, "audit") as stage:
         static = audit.static_findings(model) if isinstance(model, nn.Module) else []
         report.findings += static
@@ -166,7 +181,7 @@ def _audit(model: Any, specs: list[InputSpec], seed: int, report: Report, has_mo
                                    f"{len(static)} finding(s) in BN statistics" if static else "BN statistics sound",
                                    time.perf_counter() - stage.start))
         probe_start = time.perf_counter()
-        findings, probes = audit.probe(model, specs, seed, has_modes=has_modes)
+        findings, probes = audit.probe(model, specs, seed, has_modes=has_modes, fixed_batch=fixed_batch)
         report.findings += findings
         seconds = (time.perf_counter() - probe_start) / max(len(probes), 1)
         report.checks += [Check(p.name, p.passed, p.detail, seconds) for p in probes]
@@ -194,10 +209,12 @@ def _fold(model: Any, specs: list[InputSpec], seed: int, atol, rtol, report: Rep
 
 
 def _onnx(model: Any, specs: list[InputSpec], seed: int, atol, rtol, exporter: str, onnx_path: Path | None,
-          report: Report, has_modes: bool, worker: OrtWorker | None) -> None:
+          report: Report, has_modes: bool, fixed_batch: bool, worker: OrtWorker | None) -> None:
     start = time.perf_counter()
     with eval_mode(model) if has_modes else contextlib.nullcontext(model) as reference:
-        cases = reference_cases(reference, parity_inputs(specs, seed))
+        inputs = parity_inputs(specs, seed)
+        runnable = reference if has_modes else reference.module()
+        cases = reference_cases(runnable, inputs[-1:] if fixed_batch else inputs)
         result = check_onnx(reference, {c.label: (c.inputs, c.expected) for c in cases}, onnx_path=onnx_path,
                             exporter=exporter, atol=atol, rtol=rtol, worker=worker)
     for stage, seconds in result.timings.items():
@@ -229,7 +246,7 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, atol, rto
         onnx_lib.checker.check_model(str(path))
     except Exception as exc:
         raise BnfoldError(f"{path}: not a valid ONNX model: {str(exc).strip().splitlines()[0][:200]}") from None
-    report.findings += lint(graph)
+    report.findings += lint(graph, path.parent)
     report.checks.append(Check("onnx lint", not any(f.severity == "error" for f in report.findings),
                                f"{len(graph.graph.node)} nodes", time.perf_counter() - start))
     specs = list(example_inputs) if example_inputs and isinstance(example_inputs[0], InputSpec) else (
@@ -244,7 +261,7 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, atol, rto
         if not same:
             report.findings.append(Finding("BN007", "onnx", "two runs of the same input in one session differ"))
         report.checks.append(Check("onnx determinism", same, "same input twice in one onnxruntime session"))
-    report.findings = [f for f in report.findings if f.code not in report.disabled]
+    _apply_disable(report)
     report.timings["total"] = time.perf_counter() - start
     return report
 
