@@ -11,6 +11,10 @@ CPU eager latency (``torch.no_grad``, eval) at batch 1 and 8 of four variants:
   subclasses that apply an activation through ``act``/``activation``, by that activation). This
   is *not* numerically equivalent to the model; it only bounds what folding can achieve.
 
+A fifth, control variant (``bound-copy``, an identical second copy of ``bound``) is timed the same
+way; ``bound A/A %`` (bound-copy vs bound) shows how far two identical models differ, i.e. the
+noise floor against which "folded vs bound %" should be read (``--no-control`` drops it).
+
 Variants are timed in interleaved rounds (each round times every variant once, in a rotating
 order) and the median per variant is reported. Each sample times ``number`` consecutive calls
 (calibrated so one sample lasts about ``--sample-ms``) and divides.
@@ -25,9 +29,10 @@ discarded and repeated, within a time budget; the JSON records how many were.
 Peak memory: each model is fused once in a fresh subprocess (this script with a hidden flag);
 the RSS high-water mark is read after building the model and after ``fuse``; the increase is
 reported relative to the model's parameter + buffer bytes. On Linux the high-water mark is reset
-right before ``fuse`` (``/proc/self/clear_refs``) and read as ``VmHWM`` so that transient peaks
-from importing torch and building the model (about 1 GB for resnet50) do not hide what ``fuse``
-uses; elsewhere ``ru_maxrss`` is used without a reset (an underestimate).
+right before ``fuse`` (``/proc/self/clear_refs``) and read as ``VmHWM``: ``ru_maxrss`` cannot be
+used as is, because in a child started by ``subprocess`` it still carries the parent's resident
+size from before ``exec`` (1.1 GB here, while the parent holds resnet50 and its variants) and it
+cannot be reset. Elsewhere ``ru_maxrss`` is used without a reset (then an underestimate).
 
 If CUDA is available, GPU latency (fp32 and fp16, batch 1 and 64, CUDA events) is measured too.
 
@@ -126,6 +131,16 @@ def fx_fuse_model(model: nn.Module) -> tuple[nn.Module | None, str]:
     except Exception as exc:  # untraceable models
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return None, f"n/a ({type(exc).__name__}: {first[:100]})"
+
+
+def bn_left_in_graph(gm: nn.Module) -> int:
+    """BN-like modules plus ``F.batch_norm`` calls left in an fx GraphModule (fx inlines user BN subclasses)."""
+    calls = 0
+    graph = getattr(gm, "graph", None)
+    if graph is not None:
+        targets = {torch.nn.functional.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default}
+        calls = sum(1 for n in graph.nodes if n.op == "call_function" and n.target in targets)
+    return sum(is_bn_like(m) for m in gm.modules()) + calls
 
 
 def leaves(output: Any) -> list[torch.Tensor]:
@@ -480,11 +495,18 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     fx_model, fx_status = fx_fuse_model(model)
     bound, n_bn = lower_bound_model(model)
     entry["fx_fuse"] = fx_status
+    entry["bn_like_modules"] = sum(is_bn_like(m) for m in model.modules())
+    entry["fx_fuse_bn_like_left"] = None if fx_model is None else bn_left_in_graph(fx_model)
+    entry["folded_bn_like_left"] = sum(is_bn_like(m) for m in folded.modules())
     entry["bn_like_modules_replaced_in_bound"] = n_bn
     log(f"[{name}] fuse ok={result.ok} folded={len(result.folded)} skipped={len(result.skipped)} "
-        f"fold={fold_time['discover_fold_s']:.3f}s total={fold_time['total_s']:.3f}s; fx-fuse: {fx_status}")
+        f"fold={fold_time['discover_fold_s']:.3f}s total={fold_time['total_s']:.3f}s; fx-fuse: {fx_status}; "
+        f"BN-like modules left: bnfold {entry['folded_bn_like_left']}, fx-fuse {entry['fx_fuse_bn_like_left']} "
+        f"of {entry['bn_like_modules']}")
 
     variants: dict[str, nn.Module] = {"unfolded": model, "folded": folded, "bound": bound}
+    if args.control:  # A/A control: a second, identical copy of the bound; its gap is the noise floor
+        variants["bound-copy"] = copy.deepcopy(bound)
     if fx_model is not None:
         variants["fx-fuse"] = fx_model
 
@@ -498,8 +520,14 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
                 diff, scale = max_abs_diff(model, variants[label], x)
                 parity[label] = {"max_abs_diff": diff, "max_abs_ref": scale}
         fns = {k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}
-        med, info = bench_cpu(fns, repeats, args.sample_ms / 1000, args.warmup, args.max_case_s, args.min_rounds,
-                               args.quiet_wait_s)
+        for attempt in range(1 + max(0, args.retries)):
+            med, info = bench_cpu(fns, repeats, args.sample_ms / 1000, args.warmup, args.max_case_s, args.min_rounds,
+                                   args.quiet_wait_s * (1 + attempt))
+            if not info["used_contended"]:
+                break
+            log(f"[{name}] b{batch}: only {info['clean_rounds']}/{info['rounds']} rounds free of other processes' CPU "
+                f"use" + ("; measuring again" if attempt < args.retries else "; keeping the contended figures"))
+        info["attempts"] = attempt + 1
         row = {
             "batch": batch,
             **{f"{k}_ms": (med[k] * 1000 if k in med else None) for k in VARIANTS},
@@ -507,6 +535,7 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
             "clean_rounds": info["clean_rounds"],
             "contended_rounds": info["contended_rounds"],
             "used_contended": info["used_contended"],
+            "attempts": info["attempts"],
             "waited_for_quiet_s": info["waited_for_quiet_s"],
             "calls_per_sample": info["number"],
             "min_max_ms": {k: [v[0] * 1000, v[1] * 1000] for k, v in info["min_max_s"].items()},
@@ -514,10 +543,12 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
         }
         row["folded_vs_bound_pct"] = (med["folded"] / med["bound"] - 1) * 100
         row["folded_vs_unfolded_pct"] = (med["folded"] / med["unfolded"] - 1) * 100
+        row["aa_pct"] = (med["bound-copy"] / med["bound"] - 1) * 100 if "bound-copy" in med else None
         entry["cpu"].append(row)
         log(f"[{name}] b{batch}: unfolded {row['unfolded_ms']:.3f} folded {row['folded_ms']:.3f} "
             f"fx {row['fx-fuse_ms'] if row['fx-fuse_ms'] is None else round(row['fx-fuse_ms'], 3)} "
             f"bound {row['bound_ms']:.3f} ms ({row['folded_vs_bound_pct']:+.1f}% vs bound, "
+            f"A/A {'n/a' if row['aa_pct'] is None else format(row['aa_pct'], '+.1f')}%, "
             f"{info['clean_rounds']}/{info['rounds']} clean rounds x {info['number']} calls)")
 
     if args.gpu and torch.cuda.is_available():
@@ -565,7 +596,7 @@ def bench_gpu_model(spec: zoo.ModelSpec, variants: dict[str, nn.Module], args: a
 # --------------------------------------------------------------------------------------------- output
 
 COLUMNS = ["model", "params", "batch", "unfolded ms", "folded ms", "fx-fuse ms", "lower-bound ms",
-           "folded vs bound %", "fold s (discover+fold / total)", "peak mem x params"]
+           "folded vs bound %", "fold s (discover+fold / total)", "peak mem x params", "bound A/A %"]
 
 
 def fmt_params(n: int) -> str:
@@ -586,7 +617,7 @@ def table_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for e in entries:
         if "error" in e:
-            rows.append([e["name"], fmt_params(e["params"]), "-", "error", "", "", "", "", "", ""])
+            rows.append([e["name"], fmt_params(e["params"]), "-", "error", *[""] * (len(COLUMNS) - 4)])
             continue
         ft = e["bnfold"]
         fold_s = f"{ft['discover_fold_s']:.3f} / {ft['total_s']:.3f}"
@@ -612,6 +643,7 @@ def table_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
                 f"{row['folded_vs_bound_pct']:+.1f}" + ("*" if row.get("used_contended") else ""),
                 fold_s if first else "",
                 mem_s if first else "",
+                "n/a" if row.get("aa_pct") is None else f"{row['aa_pct']:+.1f}",
             ])
     return rows
 
@@ -668,8 +700,9 @@ def summarise(entries: list[dict[str, Any]]) -> list[str]:
             lines.append(f"{e['name']}: skipped {s['bn']}: {s['reason']}")
         for row in e["cpu"]:
             if row["folded_vs_bound_pct"] > TARGET_BOUND_PCT:
+                aa = "" if row.get("aa_pct") is None else f", A/A control {row['aa_pct']:+.1f}%"
                 lines.append(f"{e['name']} b{row['batch']}: folded is {row['folded_vs_bound_pct']:+.1f}% vs bound "
-                             f"(target <= {TARGET_BOUND_PCT:.0f}%)")
+                             f"(target <= {TARGET_BOUND_PCT:.0f}%{aa})")
             for label, p in row["parity"].items():
                 if p["max_abs_diff"] > 1e-3 * max(1.0, p["max_abs_ref"]):
                     lines.append(f"{e['name']} b{row['batch']}: {label} differs from unfolded by "
@@ -691,6 +724,33 @@ def summarise(entries: list[dict[str, Any]]) -> list[str]:
 # --------------------------------------------------------------------------------------------- main
 
 
+def bnfold_files() -> list[Path]:
+    """Source files of the bnfold modules this process has imported (the ones the figures depend on)."""
+    files = {Path(m.__file__) for n, m in list(sys.modules.items())
+             if n.split(".")[0] == "bnfold" and getattr(m, "__file__", None)}
+    return sorted(files)
+
+
+def source_state(files: list[Path] | None = None) -> dict[str, Any]:
+    """Which bnfold is measured: git commit, whether bnfold/ has local changes, and a hash of the imported sources."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in files if files is not None else bnfold_files():
+        digest.update(str(path).encode())
+        digest.update(path.read_bytes() if path.exists() else b"<missing>")
+    state: dict[str, Any] = {"bnfold_source_sha256": digest.hexdigest()[:16]}
+    try:
+        def run(*a: str) -> str:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+        state["git_commit"] = run("rev-parse", "--short", "HEAD") or None
+        state["bnfold_dirty"] = bool(run("status", "--porcelain", "--", "bnfold"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return state
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="", help="comma-separated model names (default: all reference models + resnet50)")
@@ -704,6 +764,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fuse-repeats", type=int, default=3, help="bnfold.fuse calls per model; the fastest is reported (default 3)")
     p.add_argument("--quiet-wait-s", type=float, default=30.0,
                    help="before each measurement, wait up to this long for other processes to leave the CPU (default 30)")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="after this many seconds, stop waiting for a quiet machine and re-measuring (default 420)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="re-measure a model/batch this many times when other processes spoiled most rounds (default 2)")
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="skip the A/A control (a second copy of the lower-bound model, timed like the others)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     p.add_argument("--json", dest="json_path", default=None, help="write machine-readable results here")
     p.add_argument("--markdown", default=None, help="write the table as markdown here")
@@ -739,7 +805,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **source_state(),
     }
+    measured_files = bnfold_files()
     log(f"torch {machine['torch']}, {machine['cpu_count']} CPUs, {machine['threads']} threads; models: {', '.join(names)}")
     if not torch.cuda.is_available():
         log("GPU figures skipped: torch.cuda.is_available() is False")
@@ -749,8 +817,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     entries = []
     for name in names:
+        if args.quiet_wait_s and time.perf_counter() - start > args.budget_s:
+            log(f"over the {args.budget_s:.0f}s budget: no more waiting for other processes or re-measuring")
+            args.quiet_wait_s, args.retries = 0.0, 0
         entries.append(bench_model(name, args, log))
     elapsed = time.perf_counter() - start
+    if source_state(measured_files)["bnfold_source_sha256"] != machine["bnfold_source_sha256"]:
+        machine["bnfold_changed_during_run"] = True
+        log("WARNING: bnfold's source changed while the benchmark ran; figures may mix versions. Run it again.")
 
     print()
     print_table(entries)
