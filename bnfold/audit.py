@@ -131,7 +131,7 @@ def _stat_findings(root: nn.Module, ref: BNRef, name: str) -> list[Finding]:
 class _Tap:
     """Hooks on every module: records each call's ``training`` flag and the first sample of its output."""
 
-    def __init__(self, modules: dict[str, nn.Module], sample: int | None) -> None:
+    def __init__(self, modules: dict[str, nn.Module], sample: int) -> None:
         self.modules = modules
         self.sample = sample
         self.outputs: list[tuple[str, torch.Tensor]] = []
@@ -161,8 +161,6 @@ class _Tap:
     def _post(self, name: str, output: Any) -> None:
         if self.stack and self.stack[-1] == name:
             self.stack.pop()
-        if self.sample is None:
-            return
         tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
         if tensors and tensors[0].shape[0] > self.sample:
             self.outputs.append((name, tensors[0][self.sample].detach().clone()))
@@ -233,6 +231,7 @@ def probe(model: nn.Module, specs: list[InputSpec], seed: int = 0, has_modes: bo
     if has_modes:
         model.eval()
     session = _Probes(model, specs, seed, fixed_batch)
+    session.observe()
     session.mode()
     session.batch_independence()
     session.batch_one()
@@ -254,26 +253,36 @@ class _Probes:
         companions = [make_inputs(specs, seed + k, batch=self.batch - 1) for k in (1, 2)]
         self.batch_a, self.batch_b = (tuple(torch.cat([a, c]) for a, c in zip(self.x0, comp)) for comp in companions)
 
-    def _tapped(self, inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[Any, _Tap]:
-        with _Tap(self.modules, sample=0) as tap:
-            return _run(self.model, inputs, seed), tap
+    def _tapped(self, inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[Any, _Tap, _ForcedTraining]:
+        with _Tap(self.modules, sample=0) as tap, _ForcedTraining(tap) as forced:
+            return _run(self.model, inputs, seed), tap, forced
+
+    def observe(self) -> None:
+        """Run batch A twice under two seeds: the determinism pair, and two calls for the mode probe (a forward
+        may flip flags on its first call only). Model runs are the probes' whole cost, so each serves twice."""
+        self.out_a, self.tap_a, forced_a = self._tapped(self.batch_a, self.seed)
+        self.out_c, self.tap_c, forced_c = self._tapped(self.batch_a, self.seed + 1)
+        self.training_calls: dict[str, int] = {}
+        self.forced_bn: dict[str, int] = {}
+        for source, target in ((self.tap_a.training_calls, self.training_calls),
+                               (self.tap_c.training_calls, self.training_calls),
+                               (forced_a.forced_bn, self.forced_bn), (forced_c.forced_bn, self.forced_bn)):
+            for name, calls in source.items():
+                target[name] = target.get(name, 0) + calls
+        self.dropouts = forced_a.dropouts + forced_c.dropouts
 
     def mode(self) -> None:
-        """Training flags at call time, over two calls (a forward may flip flags on its first call only)."""
-        with _Tap(self.modules, sample=None) as tap, _ForcedTraining(tap) as forced:
-            _run(self.model, self.batch_a, self.seed)
-            _run(self.model, self.batch_a, self.seed)
-        self.dropouts = forced.dropouts
+        """Training flags at call time, and batch-norm calls that force training."""
         found = []
-        for name, calls in tap.training_calls.items():
+        for name, calls in self.training_calls.items():
             # Names with [...] come from hidden_modules(): plain lists/dicts that model.eval() never reaches.
             how = ("kept in a plain Python attribute, so model.eval() never reaches it" if "[" in name
                    else "training=True when called after model.eval()")
             module = self.modules[name]
             if is_bn_module(module) or isinstance(module, nn.modules.dropout._DropoutNd):
                 found.append(Finding("BN001", name, f"{type(module).__name__}: {how} ({calls} call(s))"))
-        for name, calls in forced.forced_bn.items():
-            if name not in tap.training_calls:  # a module in training mode explains its own calls
+        for name, calls in self.forced_bn.items():
+            if name not in self.training_calls:  # a module in training mode explains its own calls
                 found.append(Finding("BN001", name, f"forward calls batch_norm with training=True ({calls} call(s))"))
         self.findings += found
         self.results.append(ProbeResult("mode", not found, "all modules in eval mode during forward" if not found
@@ -282,8 +291,7 @@ class _Probes:
     def batch_independence(self) -> None:
         """One sample, two sets of companions at equal batch size: a sharp signal. Both runs use the same seed,
         so an active dropout draws the same mask and does not pass for batch dependence."""
-        self.out_a, self.tap_a = self._tapped(self.batch_a, self.seed)
-        out_b, tap_b = self._tapped(self.batch_b, self.seed)
+        out_b, tap_b, _ = self._tapped(self.batch_b, self.seed)
         diff = _rel_diff(_first_sample(self.out_a, 0), _first_sample(out_b, 0))
         self.dependent = diff > PROBE_RTOL["same_batch"]
         if self.dependent:
@@ -313,12 +321,11 @@ class _Probes:
         self.results.append(ProbeResult("batch 1", not failed, detail, {"max_rel": diff}))
 
     def determinism(self) -> None:
-        """The same batch again under another seed; a deterministic model does not care."""
-        out_c, tap_c = self._tapped(self.batch_a, self.seed + 1)
-        diff = _rel_diff(_first_sample(self.out_a, 0), _first_sample(out_c, 0))
+        """The same batch under another seed (see :meth:`observe`); a deterministic model does not care."""
+        diff = _rel_diff(_first_sample(self.out_a, 0), _first_sample(self.out_c, 0))
         random = diff > 0 or self.dropouts > 0
         if random:
-            where = _culprit(self.tap_a.outputs, tap_c.outputs, 0.0) or ""
+            where = _culprit(self.tap_a.outputs, self.tap_c.outputs, 0.0) or ""
             extra = f"; {self.dropouts} dropout call(s) with training=True" if self.dropouts else ""
             self.findings.append(Finding("BN007", where, f"the same input gave outputs differing by {diff:.3g}{extra}"))
         self.results.append(ProbeResult("determinism", not random, f"max rel change {diff:.3g} between identical "
