@@ -4,6 +4,7 @@ Public API::
 
     result = bnfold.fuse(model, example_inputs)   # -> FuseResult (.model, .folded, .skipped, .parity)
     report = bnfold.verify(model, example_inputs)  # -> Report (truthy when deployable; .findings)
+    result = bnfold.recalibrate(model, batches)    # -> RecalibrationResult (.model, .layers)
 """
 
 from bnfold.compare import Comparison, OutputDiff, compare
@@ -12,9 +13,10 @@ from bnfold.errors import BnfoldError
 from bnfold.fuse import FuseResult, fuse
 from bnfold.findings import CODES, Finding
 from bnfold.inputs import InputSpec
+from bnfold.recalibrate import RecalibrationResult, recalibrate
 from bnfold.verify import Report, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["CODES", "BnfoldError", "Comparison", "Finding", "Fold", "FuseResult", "InputSpec", "OutputDiff", "Report",
-           "Skip", "compare", "fuse", "verify"]
+__all__ = ["CODES", "BnfoldError", "Comparison", "Finding", "Fold", "FuseResult", "InputSpec", "OutputDiff",
+           "RecalibrationResult", "Report", "Skip", "compare", "fuse", "recalibrate", "verify"]

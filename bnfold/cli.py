@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import click
+import torch
 from rich.console import Console
 from rich.markup import escape
 
@@ -28,6 +29,11 @@ _OUTPUT_SUFFIX = {"torchscript": ".pt", "export": ".pt2", "pickle": ".pt", "stat
 def exit_code(result: FuseResult) -> int:
     """0 when the folded model matches the unfolded eval model within tolerance, else 1."""
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _stdout_console() -> Console:
+    """Wide enough for tables in CI logs, where stdout is not a terminal and rich would assume 80 columns."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _fail(message: str, hint: str | None = None) -> None:
@@ -122,7 +128,7 @@ def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str,
 def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
               arch_kwargs: str | None, trust_pickle: bool, keep_structure: bool, atol: float | None,
               rtol: float | None, seed: int, discovery: str, json_path: Path | None, quiet: bool) -> int:
-    console = Console(stderr=False, highlight=False)
+    console = _stdout_console()
     status = Console(stderr=True)
     started = time.perf_counter()
     specs = [parse_input_spec(s) for s in input_shapes]
@@ -177,6 +183,8 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
 @click.option("--rtol", type=float, help="Tolerance relative to each output's max magnitude [default: 1e-4 "
               "for float32].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random probe inputs.")
+@click.option("--data", "data_spec", metavar="PATH|MODULE:FUNCTION",
+              help="Representative inputs (as for recalibrate): report stale running statistics (BN013).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
               help="pyproject.toml with [[tool.bnfold.models]] [default: the nearest one, when MODEL is omitted].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the report as JSON.")
@@ -188,7 +196,8 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def verify_command(model_path: Path | None, input_shapes: tuple[str, ...], arch: str | None, arch_kwargs: str | None,
                    trust_pickle: bool, onnx_path: Path | None, exporter: str, skip_checks: tuple[str, ...],
-                   disable: str | None, atol: float | None, rtol: float | None, seed: int, config_path: Path | None,
+                   disable: str | None, atol: float | None, rtol: float | None, seed: int, data_spec: str | None,
+                   config_path: Path | None,
                    json_path: Path | None, junit_path: Path | None, output_format: str, timings: bool,
                    debug: bool) -> None:
     """Catch train/inference-mode bugs and prove ONNX parity: one CI gate.
@@ -209,8 +218,8 @@ def verify_command(model_path: Path | None, input_shapes: tuple[str, ...], arch:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         code = _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_path, exporter,
-                           skip_checks, disable, atol, rtol, seed, config_path, json_path, junit_path, output_format,
-                           timings)
+                           skip_checks, disable, atol, rtol, seed, data_spec, config_path, json_path, junit_path,
+                           output_format, timings)
     except BnfoldError as exc:
         if debug:
             raise
@@ -224,7 +233,8 @@ def verify_command(model_path: Path | None, input_shapes: tuple[str, ...], arch:
 
 
 def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_path, exporter, skip_checks,
-                disable, atol, rtol, seed, config_path, json_path, junit_path, output_format, timings) -> int:
+                disable, atol, rtol, seed, data_spec, config_path, json_path, junit_path, output_format,
+                timings) -> int:
     from bnfold.config import ModelConfig, find_pyproject, load_config
     from bnfold.report import github_annotations, junit_xml, render_verify, verify_document
     from bnfold.verify import CHECKS, verify
@@ -245,8 +255,9 @@ def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_
             reports.append(verify(cfg.path, cfg.input_specs or None, onnx=cfg.onnx, exporter=cfg.exporter,
                                   checks=checks, disable=tuple(dict.fromkeys(cfg.disable + disabled)),
                                   atol=cfg.atol, rtol=cfg.rtol, seed=cfg.seed, arch=cfg.arch,
-                                  arch_kwargs=cfg.arch_kwargs, trust_pickle=cfg.trust_pickle, name=cfg.name))
-    console = Console(highlight=False)
+                                  arch_kwargs=cfg.arch_kwargs, trust_pickle=cfg.trust_pickle, name=cfg.name,
+                                  data=data_spec or cfg.data))
+    console = _stdout_console()
     render_verify(reports, console, timings=timings)
     if output_format == "github":
         text = github_annotations(reports)
@@ -260,6 +271,110 @@ def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_
         xml = junit_xml(reports)
         write_atomic(junit_path, lambda p: Path(p).write_text(xml))
     return EXIT_OK if reports and all(r.ok for r in reports) else EXIT_FAILED
+
+
+@main.command("recalibrate")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--data", "data_spec", required=True, metavar="PATH|MODULE:FUNCTION",
+              help="Calibration inputs: .npy, .npz (array x), an image folder, or module:function returning batches.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the model [default: MODEL's name with .recal before the suffix].")
+@click.option("--samples", type=int, help="Use at most this many inputs (per process under torchrun).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size for array and image data.")
+@click.option("--method", type=click.Choice(["layerwise", "global"]), default="layerwise", show_default=True,
+              help="layerwise: one eval-mode pass per BN, each sees what it will see at inference (exact); "
+                   "global: one pass with batch statistics (fvcore/AIMET).")
+@click.option("--arch", metavar="MODULE:FACTORY", help="Callable that builds the model, for state dicts.")
+@click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object.")
+@click.option("--trust-pickle", is_flag=True, help="Load whole pickled modules (runs code from the file).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the report as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def recalibrate_command(model_path: Path, data_spec: str, output: Path | None, samples: int | None, batch_size: int,
+                        method: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool,
+                        json_path: Path | None, debug: bool) -> None:
+    """Re-estimate BN running statistics as population statistics of the data ("precise BN").
+
+    \b
+    The model is frozen (weights, dropout, momentum untouched); only running_mean/running_var change.
+    Prints, per BN, how far the old statistics were from the new ones, and how much the outputs moved.
+    Under torchrun every process reads its shard and the statistics are all-reduced.
+
+    \b
+    Examples:
+      bnfold recalibrate model.pt --data calib.npz -o model.recal.pt --samples 4096
+      bnfold recalibrate ckpt.safetensors --arch models.zoo:resnet_digits --data digits.npy
+      torchrun --nproc-per-node 2 -m bnfold.cli recalibrate model.pt --data calib.npz -o out.pt
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        code = _run_recalibrate(model_path, data_spec, output, samples, batch_size, method, arch, arch_kwargs,
+                                trust_pickle, json_path)
+    except BnfoldError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.hint)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"{type(exc).__name__}: {exc}".splitlines()[0], "rerun with --debug for the traceback, and please "
+              "report it")
+    sys.exit(code)
+
+
+def _run_recalibrate(model_path, data_spec, output, samples, batch_size, method, arch, arch_kwargs, trust_pickle,
+                     json_path) -> int:
+    from rich.table import Table
+
+    from bnfold.data import load_data
+    from bnfold.recalibrate import recalibrate
+    from bnfold.report import write_json
+
+    distributed = _init_distributed()
+    loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    if loaded.format not in ("pickle", "state_dict", "safetensors"):
+        raise InputSpecError(f"{model_path} is a {loaded.format} file: recalibration needs an eager model",
+                             "pass a state dict with --arch, or a pickled module")
+    out_path = output or model_path.with_name(f"{model_path.stem}.recal{model_path.suffix}")
+    if out_path.exists() and out_path.resolve() == model_path.resolve():
+        raise OutputError(f"the output {out_path} is the input file: bnfold never overwrites its input")
+    dtype = next((p.dtype for p in loaded.model.parameters()), torch.float32)
+    with Console(stderr=True).status("recalibrating"):
+        result = recalibrate(loaded.model, load_data(data_spec, batch_size, dtype), samples=samples, method=method)
+    if distributed and not _is_rank_zero():
+        return EXIT_OK
+    save_model(result.model, loaded.format, out_path)
+    console = _stdout_console()
+    table = Table("BatchNorm", "values/channel", "max mean shift (std)", "max var ratio",
+                  title=f"Recalibrated on {result.samples} inputs ({result.method})", title_justify="left")
+    for layer in sorted(result.layers, key=lambda d: d.score, reverse=True):
+        table.add_row(escape(layer.name), str(layer.samples), f"{layer.mean_shift:.3g}", f"{layer.var_ratio:.3g}")
+    console.print(table)
+    for name, reason in result.skipped:
+        console.print(f"skipped {escape(name)}: {escape(reason)}", soft_wrap=True)
+    console.print(f"outputs moved by up to {result.output_change:.3g} (relative to their scale) | wrote {out_path}",
+                  soft_wrap=True)
+    if json_path is not None:
+        write_json(json_path, {"schema_version": 1, "command": "recalibrate", "output": str(out_path),
+                               **result.to_dict()})
+    return EXIT_OK
+
+
+def _init_distributed() -> bool:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return dist.is_initialized()
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 if __name__ == "__main__":  # pragma: no cover

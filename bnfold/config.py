@@ -32,7 +32,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 _KEYS = {"path", "name", "arch", "arch-kwargs", "input-shapes", "onnx", "exporter", "checks", "disable", "atol",
-         "rtol", "trust-pickle", "seed"}
+         "rtol", "trust-pickle", "seed", "data"}
 
 
 class ConfigError(BnfoldError):
@@ -54,6 +54,7 @@ class ModelConfig:
     rtol: float | None = None
     trust_pickle: bool = False
     seed: int = 0
+    data: str | None = None  # calibration inputs for the stale-statistics check (BN013)
 
 
 def find_pyproject(start: Path) -> Path:
@@ -104,4 +105,5 @@ def _model(pyproject: Path, entry: dict[str, Any], index: int) -> ModelConfig:
         rtol=entry.get("rtol"),
         trust_pickle=bool(entry.get("trust-pickle", False)),
         seed=int(entry.get("seed", 0)),
+        data=str(root / entry["data"]) if entry.get("data") and ":" not in entry["data"] else entry.get("data"),
     )

@@ -43,6 +43,8 @@ CODES: dict[str, Code] = {c.code: c for c in [
          "fold it before export (bnfold fuse) so every runtime gets the folded graph"),
     Code("BN012", "warning", "the model was saved or handed over in training mode",
          "call model.eval() before saving or exporting; bnfold verified it as deployed, in eval mode"),
+    Code("BN013", "warning", "stale running statistics: far from the population statistics of the given data",
+         "re-estimate them on representative data: bnfold recalibrate MODEL --data ..."),
 ]}
 
 
@@ -76,11 +78,12 @@ CHECK_OF_CODE = {
     "BN001": "mode", "BN002": "batch independence", "BN003": "statistics", "BN004": "statistics",
     "BN005": "statistics", "BN006": "statistics", "BN007": "determinism", "BN008": "fold parity",
     "BN009": "onnx parity", "BN010": "onnx parity", "BN011": "onnx parity", "BN012": "handover",
+    "BN013": "statistics vs data",
 }
 
 #: The codes that can make each check fail (a check failing only through disabled codes passes).
 CODES_OF_CHECK: dict[str, tuple[str, ...]] = {
     "statistics": ("BN003", "BN004", "BN005", "BN006"), "mode": ("BN001",), "batch independence": ("BN002",),
     "batch 1": ("BN002",), "determinism": ("BN007",), "fold parity": ("BN008",),
-    "onnx parity": ("BN009", "BN010", "BN011"),
+    "onnx parity": ("BN009", "BN010", "BN011"), "statistics vs data": ("BN013",),
 }

@@ -94,12 +94,16 @@ def verify(
     arch_kwargs: str | None = None,
     trust_pickle: bool = False,
     name: str | None = None,
+    data: Any = None,
+    samples: int | None = 4096,
 ) -> Report:
     """Verify that ``model`` is deployable: eval-mode correctness, foldability and ONNX parity.
 
     ``model`` is an ``nn.Module`` or a path to any file ``bnfold fuse`` reads; an ``.onnx`` path gets the
     graph-only checks (lint, onnxruntime determinism). ``onnx`` names an existing ONNX file to compare with
     the torch model instead of exporting one. ``disable`` drops finding codes, like a linter's ignore list.
+    ``data`` (batches, a callable returning them, or a ``--data`` spec string) adds the stale-statistics check
+    (BN013): the running statistics are compared with population statistics of up to ``samples`` inputs.
     """
     unknown = [c for c in disable if c not in CODES]
     if unknown:
@@ -125,6 +129,8 @@ def verify(
     with OrtWorker() if "onnx" in checks else contextlib.nullcontext() as worker:
         if "audit" in checks:
             _audit(subject, specs, seed, report, has_modes, fixed_batch)
+            if data is not None:
+                _stale(subject, data, samples, report)
         if "fold" in checks:
             _fold(loaded.model, specs, seed, atol, rtol, report)
         if "onnx" in checks:
@@ -185,6 +191,33 @@ def _audit(model: Any, specs: list[InputSpec], seed: int, report: Report, has_mo
         report.findings += findings
         seconds = (time.perf_counter() - probe_start) / max(len(probes), 1)
         report.checks += [Check(p.name, p.passed, p.detail, seconds) for p in probes]
+
+
+STALE_MEAN_SHIFT = 0.5  # standard deviations of the data
+STALE_VAR_RATIO = 2.0
+
+
+def _stale(model: Any, data: Any, samples: int | None, report: Report) -> None:
+    """BN013: running statistics far from the population statistics of ``data`` (see bnfold.recalibrate)."""
+    from bnfold.data import load_data
+    from bnfold.recalibrate import recalibrate
+
+    with _Stage(report, "statistics vs data") as stage:
+        if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+            report.notes.append("--data needs an eager model: the stale-statistics check did not run")
+            return
+        batches = load_data(data) if isinstance(data, str) else data
+        result = recalibrate(model, batches, samples=samples)
+        stale = sorted((d for d in result.layers if d.mean_shift > STALE_MEAN_SHIFT or d.var_ratio > STALE_VAR_RATIO),
+                       key=lambda d: d.score, reverse=True)
+        for d in stale[:3]:
+            report.findings.append(Finding("BN013", d.name, f"running mean off by {d.mean_shift:.3g} std, variance "
+                                                            f"off by x{d.var_ratio:.3g} on {result.samples} inputs"))
+        if len(stale) > 3:
+            report.notes.append(f"BN013: {len(stale) - 3} more stale layer(s) beyond the 3 furthest")
+        report.checks.append(Check("statistics vs data", True, f"{len(stale)} of {len(result.layers)} BN(s) stale; "
+                                   f"recalibrating moves outputs by {result.output_change:.3g}",
+                                   time.perf_counter() - stage.start))
 
 
 def _fold(model: Any, specs: list[InputSpec], seed: int, atol, rtol, report: Report) -> None:
