@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import torch
@@ -36,7 +38,24 @@ def _stdout_console() -> Console:
     return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
-def _fail(message: str, hint: str | None = None) -> None:
+def _exit_through(run: Callable[[], int], debug: bool) -> NoReturn:
+    """Run a command and exit with its code; bad input becomes one ``error:`` line and exit 2 (unless --debug)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own deprecation chatter, not the user's
+    try:
+        code = run()
+    except BnfoldError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.hint)
+    except Exception as exc:  # a bug or an unexpected library error: still one line, unless --debug
+        if debug:
+            raise
+        _fail(f"{type(exc).__name__}: {exc}".splitlines()[0], "rerun with --debug for the traceback, and please "
+              "report it")
+    sys.exit(code)
+
+
+def _fail(message: str, hint: str | None = None) -> NoReturn:
     console = Console(stderr=True, highlight=False)
     console.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True)
     if hint:
@@ -109,20 +128,8 @@ def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str,
           --input-shape 8,3,224,224 -o resnet18.fused.pt2
       bnfold fuse models/resnet_digits.safetensors --arch models.zoo:resnet_digits --input-shape 8,1,8,8
     """
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own deprecation chatter, not the user's
-    try:
-        code = _run_fuse(model_path, output, input_shapes, arch, arch_kwargs, trust_pickle, keep_structure, atol,
-                         rtol, seed, discovery, json_path, quiet)
-    except BnfoldError as exc:
-        if debug:
-            raise
-        _fail(exc.message, exc.hint)
-    except Exception as exc:  # a bug or an unexpected library error: still one line, unless --debug
-        if debug:
-            raise
-        _fail(f"{type(exc).__name__}: {exc}".splitlines()[0], "rerun with --debug for the traceback, and please "
-              "report it")
-    sys.exit(code)
+    _exit_through(lambda: _run_fuse(model_path, output, input_shapes, arch, arch_kwargs, trust_pickle,
+                                    keep_structure, atol, rtol, seed, discovery, json_path, quiet), debug)
 
 
 def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
@@ -215,21 +222,9 @@ def verify_command(model_path: Path | None, input_shapes: tuple[str, ...], arch:
       bnfold verify model.onnx                                 # graph-only checks
       bnfold verify                                            # CI: the models in pyproject.toml
     """
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        code = _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_path, exporter,
-                           skip_checks, disable, atol, rtol, seed, data_spec, config_path, json_path, junit_path,
-                           output_format, timings)
-    except BnfoldError as exc:
-        if debug:
-            raise
-        _fail(exc.message, exc.hint)
-    except Exception as exc:
-        if debug:
-            raise
-        _fail(f"{type(exc).__name__}: {exc}".splitlines()[0], "rerun with --debug for the traceback, and please "
-              "report it")
-    sys.exit(code)
+    _exit_through(lambda: _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_path,
+                                      exporter, skip_checks, disable, atol, rtol, seed, data_spec, config_path,
+                                      json_path, junit_path, output_format, timings), debug)
 
 
 def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_path, exporter, skip_checks,
@@ -305,20 +300,8 @@ def recalibrate_command(model_path: Path, data_spec: str, output: Path | None, s
       bnfold recalibrate ckpt.safetensors --arch models.zoo:resnet_digits --data digits.npy
       torchrun --nproc-per-node 2 -m bnfold.cli recalibrate model.pt --data calib.npz -o out.pt
     """
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        code = _run_recalibrate(model_path, data_spec, output, samples, batch_size, method, arch, arch_kwargs,
-                                trust_pickle, json_path)
-    except BnfoldError as exc:
-        if debug:
-            raise
-        _fail(exc.message, exc.hint)
-    except Exception as exc:
-        if debug:
-            raise
-        _fail(f"{type(exc).__name__}: {exc}".splitlines()[0], "rerun with --debug for the traceback, and please "
-              "report it")
-    sys.exit(code)
+    _exit_through(lambda: _run_recalibrate(model_path, data_spec, output, samples, batch_size, method, arch,
+                                           arch_kwargs, trust_pickle, json_path), debug)
 
 
 def _run_recalibrate(model_path, data_spec, output, samples, batch_size, method, arch, arch_kwargs, trust_pickle,
