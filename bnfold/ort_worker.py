@@ -1,4 +1,4 @@
-"""Run ONNX models in onnxruntime, in a child process (``python -m bnfold.ort_worker``).
+"""Run ONNX models in onnxruntime, in a child process (``python bnfold/ort_worker.py --serve``).
 
 onnxruntime can crash (segfault) on malformed training-mode graphs; in a child process a crash becomes a
 finding instead of a dead CI job. Each input set runs once in a session with all graph optimisations (as
@@ -6,7 +6,8 @@ deployed: that output is compared with PyTorch), then twice in *one* session wit
 optimiser rewrites or removes training-mode Dropout/BN depending on the level, and a seeded Dropout repeats
 its mask across fresh sessions, so only two runs of the graph as written, in one session, show randomness.
 
-The worker starts early (``--serve``) so that importing onnxruntime overlaps with the audit and the export,
+It imports only numpy and onnxruntime (run as a file, not ``-m bnfold...``, which would import torch), and
+starts early (``--serve``) so that importing onnxruntime overlaps with the audit and the export,
 then reads one JSON request a line on stdin, ``{"model": ..., "inputs": ..., "outputs": ...}``, and answers
 ``ok`` or ``error <message>`` on stdout. INPUTS.npz holds arrays named ``<case>/<input name>``; OUTPUTS.npz
 gets ``<case>/<output index>/<run>`` (run 0: optimised; runs 1 and 2: as written, one session).
