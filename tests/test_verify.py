@@ -308,3 +308,15 @@ def test_every_code_is_documented():
     readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
     for code in CODES:
         assert f"| {code} |" in readme
+
+
+def test_onnxruntime_crash_becomes_a_finding(tmp_path, monkeypatch):
+    """A segfault inside onnxruntime must end as BN010, not as a dead CI job."""
+    crasher = tmp_path / "crash.py"
+    crasher.write_text("import os, signal, sys\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+                       "os.kill(os.getpid(), signal.SIGSEGV)\n")
+    monkeypatch.setattr("bnfold.onnx_check._WORKER", crasher)
+    report = bnfold.verify(trained(Net()), X, checks=("onnx",))
+    finding = next(f for f in report.findings if f.code == "BN010")
+    assert "killed by signal 11" in finding.message
+    assert not report.ok
