@@ -10,8 +10,8 @@ Public API::
 from bnfold.compare import Comparison, OutputDiff, compare
 from bnfold.discover.graph import Fold, Skip
 from bnfold.errors import BnfoldError
-from bnfold.fuse import FuseResult, fuse
 from bnfold.findings import CODES, Finding
+from bnfold.fuse import FuseResult, fuse
 from bnfold.inputs import InputSpec
 from bnfold.recalibrate import RecalibrationResult, recalibrate
 from bnfold.verify import Report, verify

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from bnfold.compare import flatten_outputs
+from bnfold.errors import first_line
 from bnfold.findings import Finding
 from bnfold.fuse import run_model
 from bnfold.inputs import InputSpec, make_inputs, seeded
@@ -314,7 +315,7 @@ class _Probes:
             detail = f"max rel change {diff:.3g} between batch 1 and batch {self.batch}"
         except Exception as exc:  # "Expected more than 1 value per channel when training"
             diff = float("inf")
-            detail = f"batch 1 fails: {str(exc).strip().splitlines()[0][:200]}"
+            detail = f"batch 1 fails: {first_line(exc, 200)}"
         failed = diff > PROBE_RTOL["batch_1"]
         if failed and not self.dependent:
             self.findings.append(Finding("BN002", "", f"batch 1 differs from batch {self.batch}: {detail}"))

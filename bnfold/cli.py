@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bnfold import __version__
-from bnfold.errors import BnfoldError, InputSpecError, OutputError
+from bnfold.errors import BnfoldError, InputSpecError, OutputError, first_line
 from bnfold.fuse import FuseResult, fuse
 from bnfold.inputs import SHAPE_HINT, make_inputs, parse_input_spec
 from bnfold.load import load
@@ -50,7 +50,7 @@ def _exit_through(run: Callable[[], int], debug: bool) -> NoReturn:
     except Exception as exc:  # a bug or an unexpected library error: still one line, unless --debug
         if debug:
             raise
-        _fail(f"{type(exc).__name__}: {exc}".splitlines()[0], "rerun with --debug for the traceback, and please "
+        _fail(f"{type(exc).__name__}: {first_line(exc)}", "rerun with --debug for the traceback, and please "
               "report it")
     sys.exit(code)
 
@@ -310,7 +310,6 @@ def _run_recalibrate(model_path, data_spec, output, samples, batch_size, method,
 
     from bnfold.data import load_data
     from bnfold.recalibrate import recalibrate
-    from bnfold.report import write_json
 
     distributed = _init_distributed()
     loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)

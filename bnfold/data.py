@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 
 _NPZ_KEYS = ("x", "inputs", "data", "images")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -61,14 +61,14 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise DataError(f"{path}: cannot read it as a .npy array: {str(exc).splitlines()[0][:200]}") from None
+        raise DataError(f"{path}: cannot read it as a .npy array: {first_line(exc, 200)}") from None
 
 
 def _load_npz(path: Path) -> np.ndarray:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise DataError(f"{path}: cannot read it as a .npz archive: {str(exc).splitlines()[0][:200]}") from None
+        raise DataError(f"{path}: cannot read it as a .npz archive: {first_line(exc, 200)}") from None
     names = archive.files
     key = next((k for k in _NPZ_KEYS if k in names), names[0] if len(names) == 1 else None)
     if key is None:
@@ -101,5 +101,5 @@ def _load_callable(spec: str) -> Callable[[], Iterable[Any]]:
     try:
         function = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise DataError(f"--data {spec!r}: {str(exc).splitlines()[0][:200]}") from None
+        raise DataError(f"--data {spec!r}: {first_line(exc, 200)}") from None
     return function

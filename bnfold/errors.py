@@ -7,6 +7,12 @@ the flag or step that fixes it. The CLI prints ``error: <message>`` and ``Note: 
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """The first line of an exception's message (its type name when empty), cut to ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 class BnfoldError(Exception):
     """Base class: a problem with the user's input that bnfold can explain."""
 

@@ -20,10 +20,10 @@ from torch import nn
 from bnfold.compare import Comparison, compare
 from bnfold.discover import discover, fx, script
 from bnfold.discover.graph import Discovery, Fold, Skip, pair, unrecognised
-from bnfold.errors import InputSpecError, ModelRunError
+from bnfold.errors import InputSpecError, ModelRunError, first_line
 from bnfold.fold.apply import CannotFold, GraphHost, KeepStructureHost, ModuleHost, ScriptHost, apply_fold
-from bnfold.load import has_static_batch
 from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs, seeded, specs_from_tensors
+from bnfold.load import has_static_batch
 
 
 @dataclass
@@ -69,8 +69,7 @@ def run_model(model: Callable[..., Any], inputs: tuple[Any, ...], seed: int = 0)
             return model(*inputs)
     except Exception as exc:  # the user's model raised: report it as a usage problem
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelRunError(f"the model failed on inputs of shape {shapes}: {type(exc).__name__}: {first}",
+        raise ModelRunError(f"the model failed on inputs of shape {shapes}: {type(exc).__name__}: {first_line(exc)}",
                             "check --input-shape (and its dtype) against what the model expects") from exc
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bnfold.errors import ArchError, LoadError, UnsafePickleError
+from bnfold.errors import ArchError, LoadError, UnsafePickleError, first_line
 from bnfold.inputs import InputSpec
 
 Format = Literal["torchscript", "export", "state_dict", "safetensors", "pickle"]
@@ -88,7 +88,7 @@ def load(path: str | os.PathLike[str], *, arch: str | None = None, arch_kwargs: 
     except LoadError:
         raise
     except Exception as exc:  # torch's loaders raise many types for damaged files
-        raise LoadError(f"{path}: cannot read it as a {kind.removeprefix('zip:')} file: {_first_line(exc)}",
+        raise LoadError(f"{path}: cannot read it as a {kind.removeprefix('zip:')} file: {first_line(exc)}",
                         "the file may be truncated or damaged; re-save it") from exc
     raise LoadError(f"{path}: not a model file bnfold knows (first bytes {_head(path)!r})",
                     "expected a TorchScript archive, a torch.export .pt2 program, a torch.save checkpoint or a "
@@ -109,7 +109,7 @@ def _load_torch_file(path: Path, arch: str | None, arch_kwargs: str | None, trus
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except (ImportError, AttributeError) as exc:
-            raise LoadError(f"{path}: the pickle refers to code that cannot be imported: {_first_line(exc)}",
+            raise LoadError(f"{path}: the pickle refers to code that cannot be imported: {first_line(exc)}",
                             "run bnfold from the directory that contains the model's package, or install it") from None
     if isinstance(obj, nn.Module):
         return Loaded(obj, "pickle", path, arch=None)
@@ -161,14 +161,14 @@ def build_arch(arch: str, arch_kwargs: str | None) -> nn.Module:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
-        raise ArchError(f"--arch {arch!r}: cannot import {module_name!r}: {_first_line(exc)}",
+        raise ArchError(f"--arch {arch!r}: cannot import {module_name!r}: {first_line(exc)}",
                         "run bnfold from the directory that contains the package, or install it") from None
     except AttributeError:
         raise ArchError(f"--arch {arch!r}: module {module_name!r} has no attribute {attr!r}") from None
     try:
         model = factory(**kwargs)
     except Exception as exc:
-        raise ArchError(f"--arch {arch!r}: calling it with {kwargs} failed: {type(exc).__name__}: {_first_line(exc)}",
+        raise ArchError(f"--arch {arch!r}: calling it with {kwargs} failed: {type(exc).__name__}: {first_line(exc)}",
                         "pass its arguments as JSON with --arch-kwargs") from None
     if not isinstance(model, nn.Module):
         raise ArchError(f"--arch {arch!r} returned a {type(model).__name__}, not an nn.Module")
@@ -251,11 +251,6 @@ def _unsupported_global(exc: Exception) -> str:
     if marker in text:
         return text.split(marker, 1)[1].split()[0]
     return "objects outside the weights_only allow-list"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:240] if text else type(exc).__name__
 
 
 def _head(path: Path) -> bytes:

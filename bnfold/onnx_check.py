@@ -26,6 +26,7 @@ import torch
 from onnx import numpy_helper
 
 from bnfold.compare import Comparison, compare_output, flatten_outputs
+from bnfold.errors import first_line
 from bnfold.findings import Finding
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -251,8 +252,7 @@ def check_onnx(
             try:
                 export_onnx(model, next(iter(expected.values()))[0], onnx_path, exporter)
             except Exception as exc:  # the exporters raise anything; the user needs the first line
-                text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                return OnnxResult([], [], timings, None, error=f"{exporter} export failed: {type(exc).__name__}: {text}")
+                return OnnxResult([], [], timings, None, error=f"{exporter} export failed: {type(exc).__name__}: {first_line(exc, 300)}")
             finally:
                 timings["export"] = time.perf_counter() - start
         start = time.perf_counter()

@@ -20,7 +20,7 @@ from torch import nn
 
 from bnfold import audit
 from bnfold.compare import Comparison
-from bnfold.errors import BnfoldError, InputSpecError
+from bnfold.errors import BnfoldError, InputSpecError, first_line
 from bnfold.findings import CODES, CODES_OF_CHECK, Finding
 from bnfold.fuse import eval_mode, fuse, parity_inputs, reference_cases
 from bnfold.inputs import SHAPE_HINT, InputSpec, specs_from_tensors
@@ -278,7 +278,7 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, atol, rto
         graph = onnx_lib.load(str(path), load_external_data=False)
         onnx_lib.checker.check_model(str(path))
     except Exception as exc:
-        raise BnfoldError(f"{path}: not a valid ONNX model: {str(exc).strip().splitlines()[0][:200]}") from None
+        raise BnfoldError(f"{path}: not a valid ONNX model: {first_line(exc, 200)}") from None
     report.findings += lint(graph, path.parent)
     report.checks.append(Check("onnx lint", not any(f.severity == "error" for f in report.findings),
                                f"{len(graph.graph.node)} nodes", time.perf_counter() - start))

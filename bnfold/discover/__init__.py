@@ -8,6 +8,7 @@ from torch import nn
 
 from bnfold.discover import fx, observed
 from bnfold.discover.graph import Discovery, Fold, Skip
+from bnfold.errors import first_line
 
 __all__ = ["Discovery", "Fold", "Skip", "discover"]
 
@@ -26,7 +27,6 @@ def discover(model: nn.Module, input_draws: list[tuple[Any, ...]], method: str =
         if method == "fx":
             raise
         found = observed.discover(model, input_draws)
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        found.notes.append(f"torch.fx cannot trace the model ({type(exc).__name__}: {reason[:160]}); BNs were "
+        found.notes.append(f"torch.fx cannot trace the model ({type(exc).__name__}: {first_line(exc, 160)}); BNs were "
                            "found by observing a forward pass and every fold was checked numerically")
         return found

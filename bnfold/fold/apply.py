@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bnfold.discover.fx import bn_output
 from bnfold.discover.graph import Fold
 from bnfold.fold.math import BNParams, fold_bn_after, fold_bn_before, identity_statistics
 from bnfold.layers import BNRef, LayerRef, bn_replacement, get_tensor
@@ -152,12 +153,6 @@ class ScriptHost(KeepStructureHost):
 class GraphHost(ModuleHost):
     """A ``GraphModule`` from ``torch.export``: BN nodes are erased and missing biases become attributes."""
 
-    def __init__(self, root: nn.Module) -> None:
-        super().__init__(root)
-        from bnfold.discover.fx import bn_output  # graph helpers live with the fx front-end
-
-        self._bn_output = bn_output
-
     def check(self, fold: Fold) -> None:
         pass
 
@@ -188,7 +183,7 @@ class GraphHost(ModuleHost):
     def remove_bn(self, ref: BNRef) -> None:
         gm = self.root
         node = self._node(1, ref.mean)
-        out = self._bn_output(node)
+        out = bn_output(node)
         out.replace_all_uses_with(node.args[0])
         if out is not node:
             gm.graph.erase_node(out)
