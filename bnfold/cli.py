@@ -320,9 +320,17 @@ def _run_recalibrate(model_path, data_spec, output, samples, batch_size, method,
     if out_path.exists() and out_path.resolve() == model_path.resolve():
         raise OutputError(f"the output {out_path} is the input file: bnfold never overwrites its input")
     dtype = next((p.dtype for p in loaded.model.parameters()), torch.float32)
-    with Console(stderr=True).status("recalibrating"):
-        result = recalibrate(loaded.model, load_data(data_spec, batch_size, dtype), samples=samples, method=method)
-    if distributed and not _is_rank_zero():
+    try:
+        with Console(stderr=True).status("recalibrating"):
+            result = recalibrate(loaded.model, load_data(data_spec, batch_size, dtype), samples=samples,
+                                 method=method)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            rank_zero = _is_rank_zero()
+            dist.destroy_process_group()
+    if distributed and not rank_zero:
         return EXIT_OK
     save_model(result.model, loaded.format, out_path)
     console = _stdout_console()
