@@ -86,4 +86,5 @@ CODES_OF_CHECK: dict[str, tuple[str, ...]] = {
     "statistics": ("BN003", "BN004", "BN005", "BN006"), "mode": ("BN001",), "batch independence": ("BN002",),
     "batch 1": ("BN002",), "determinism": ("BN007",), "fold parity": ("BN008",),
     "onnx parity": ("BN009", "BN010", "BN011"), "statistics vs data": ("BN013",),
+    "onnx lint": ("BN009", "BN011"), "onnx determinism": ("BN007",),
 }

@@ -113,7 +113,7 @@ def verify(
                     disabled=tuple(disable))
     start = time.perf_counter()
     if isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".onnx":
-        return _verify_onnx_only(Path(model), example_inputs, report, atol, rtol, seed)
+        return _verify_onnx_only(Path(model), example_inputs, report, seed)
     loaded = (load(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
               if isinstance(model, (str, os.PathLike)) else Loaded(model, "module", Path(report.model)))
     report.timings["load"] = time.perf_counter() - start
@@ -154,10 +154,18 @@ def _apply_disable(report: Report) -> None:
             check.detail += f" (disabled: {', '.join(silenced)})"
 
 
+def _as_specs(example_inputs: Any) -> list[InputSpec]:
+    """Input specs from tensors or specs (empty when none were given)."""
+    if not example_inputs:
+        return []
+    if isinstance(example_inputs[0], InputSpec):
+        return list(example_inputs)
+    return specs_from_tensors(tuple(example_inputs))
+
+
 def _specs(example_inputs: Any, loaded: Loaded) -> list[InputSpec]:
     if example_inputs:
-        return list(example_inputs) if isinstance(example_inputs[0], InputSpec) else specs_from_tensors(
-            tuple(example_inputs))
+        return _as_specs(example_inputs)
     if loaded.input_specs:
         return loaded.input_specs
     raise InputSpecError(f"{loaded.path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
@@ -264,14 +272,14 @@ def _onnx(model: Any, specs: list[InputSpec], seed: int, atol, rtol, exporter: s
     report.checks.append(Check("onnx parity", not errors and bool(result.parity), detail, time.perf_counter() - start))
 
 
-def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, atol, rtol, seed: int) -> Report:
+def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int) -> Report:
     """An .onnx file on its own: lint it and run it twice in one onnxruntime session."""
     import tempfile
 
     import onnx as onnx_lib
 
     from bnfold.inputs import make_inputs
-    from bnfold.onnx_check import lint, run_onnxruntime, static_batch
+    from bnfold.onnx_check import lint, run_onnxruntime
 
     start = time.perf_counter()
     try:
@@ -282,8 +290,7 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, atol, rto
     report.findings += lint(graph, path.parent)
     report.checks.append(Check("onnx lint", not any(f.severity == "error" for f in report.findings),
                                f"{len(graph.graph.node)} nodes", time.perf_counter() - start))
-    specs = list(example_inputs) if example_inputs and isinstance(example_inputs[0], InputSpec) else (
-        specs_from_tensors(tuple(example_inputs)) if example_inputs else _onnx_specs(graph, static_batch(path)))
+    specs = _as_specs(example_inputs) or _onnx_specs(graph)
     with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
         run = run_onnxruntime(path, {"determinism": make_inputs(specs, seed)}, Path(tmp))
     if run.error:
@@ -299,7 +306,8 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, atol, rto
     return report
 
 
-def _onnx_specs(graph: Any, batch: int | None) -> list[InputSpec]:
+def _onnx_specs(graph: Any) -> list[InputSpec]:
+    """Input specs from the graph's declared shapes (a symbolic dimension becomes 1)."""
     from onnx import helper
 
     initializers = {x.name for x in graph.graph.initializer}
