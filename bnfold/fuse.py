@@ -169,9 +169,9 @@ def fuse(
         tuple(example_inputs))
     if not specs:
         raise InputSpecError("no example inputs were given", SHAPE_HINT)
-    modules = model.module().modules() if isinstance(model, torch.export.ExportedProgram) else model.modules()
-    was_training = any(m.training for m in modules)
     target = _target(model, method, keep_structure)
+    # An exported program's mode is baked into its graph (its GraphModule always reports training=True).
+    was_training = target.has_modes and any(m.training for m in target.reference.modules())
     # The caller's model is the reference (no copy: peak memory stays near one extra model); eval_mode
     # restores its train/eval flags afterwards and nothing writes to it.
     with eval_mode(target.reference) if target.has_modes else contextlib.nullcontext(target.reference) as reference:

@@ -205,3 +205,10 @@ def test_fp16_overflow_is_skipped_not_written_as_inf():
     assert not result.folded
     assert "overflow float16" in result.skipped[0].reason
     assert torch.isfinite(result.model[0].weight).all()
+
+
+def test_exported_program_is_not_reported_as_training():
+    """ep.module() says training=True whatever the export mode: a program must not be flagged for it."""
+    program = torch.export.export(conv_bn(), (torch.randn(2, 3, 4, 4),))
+    result = bnfold.fuse(program, (torch.randn(2, 3, 4, 4),))
+    assert result.ok and len(result.folded) == 1 and not result.was_training
