@@ -126,6 +126,13 @@ def _dtype_name(value: Any) -> str:
     return str(np.asarray(value).dtype)
 
 
+def _unmatched(name: str, shape: tuple[int, ...], dtype: str, atol: float, rtol: float, problem: str) -> OutputDiff:
+    """An output that could not be compared element by element: it fails, with infinite errors."""
+    return OutputDiff(name=name, shape=shape, dtype=dtype, max_abs=math.inf, max_rel=math.inf, mean_abs=math.inf,
+                      worst_index=(), ref_value=math.nan, got_value=math.nan, scale=math.nan, atol=atol, rtol=rtol,
+                      passed=False, problem=problem)
+
+
 def compare_output(name: str, ref: Any, got: Any, atol: float | None = None, rtol: float | None = None) -> OutputDiff:
     dtype = _dtype_name(ref)
     d_atol, d_rtol = default_tolerance(dtype)
@@ -134,9 +141,7 @@ def compare_output(name: str, ref: Any, got: Any, atol: float | None = None, rto
     a, b = _as_array(ref), _as_array(got)
     common = dict(name=name, shape=tuple(a.shape), dtype=dtype, atol=atol, rtol=rtol)
     if a.shape != b.shape:
-        return OutputDiff(**common, max_abs=math.inf, max_rel=math.inf, mean_abs=math.inf, worst_index=(),
-                          ref_value=math.nan, got_value=math.nan, scale=math.nan, passed=False,
-                          problem=f"shape {tuple(b.shape)} != reference {tuple(a.shape)}")
+        return _unmatched(**common, problem=f"shape {tuple(b.shape)} != reference {tuple(a.shape)}")
     if a.size == 0:
         return OutputDiff(**common, max_abs=0.0, max_rel=0.0, mean_abs=0.0, worst_index=(), ref_value=0.0,
                           got_value=0.0, scale=0.0, passed=True)
@@ -174,10 +179,8 @@ def compare(label: str, ref: Any, got: Any, atol: float | None = None, rtol: flo
     result = Comparison(label)
     for name, ref_value in ref_items.items():
         if name not in got_items:
-            result.outputs.append(OutputDiff(name=name, shape=tuple(getattr(ref_value, "shape", ())), dtype=_dtype_name(ref_value),
-                                             max_abs=math.inf, max_rel=math.inf, mean_abs=math.inf, worst_index=(),
-                                             ref_value=math.nan, got_value=math.nan, scale=math.nan,
-                                             atol=atol or 0.0, rtol=rtol or 0.0, passed=False, problem="output missing"))
+            result.outputs.append(_unmatched(name, tuple(getattr(ref_value, "shape", ())), _dtype_name(ref_value),
+                                             atol or 0.0, rtol or 0.0, "output missing"))
             continue
         result.outputs.append(compare_output(name, ref_value, got_items[name], atol, rtol))
     return result
