@@ -132,7 +132,7 @@ def _try_before(node: Node, nodes: dict[int, Node]) -> Fold | Skip | None:
         return None
     dst = nodes[node.users[0]]
     layer = dst.layer
-    if layer is None or layer.kind == "conv_transpose":
+    if layer is None or layer.kind == "conv_transpose" or dst.input != node.key:
         return None
     if not bn.plain:
         return Skip(bn.name, f"applies an activation after normalising, before {layer.name}: cannot fold forward")
@@ -144,6 +144,4 @@ def _try_before(node: Node, nodes: dict[int, Node]) -> Fold | Skip | None:
     if layer.kind == "linear" and dst.in_rank not in (None, 2):
         return Skip(bn.name, f"feeds {layer.name} with a rank-{dst.in_rank} input: the BN channels are not the "
                              "Linear's input features")
-    if dst.input != node.key:
-        return None
     return Fold(bn, layer, "before")
