@@ -136,6 +136,7 @@ class _Tap:
         self.modules = modules
         self.sample = sample
         self.outputs: list[tuple[str, torch.Tensor]] = []
+        self.nonfinite: list[str] = []  # modules whose output held NaN/Inf, in completion order (innermost first)
         self.training_calls: dict[str, int] = {}
         self.stack: list[str] = []  # modules currently running, innermost last
         self.handles: list[Any] = []
@@ -163,6 +164,8 @@ class _Tap:
         if self.stack and self.stack[-1] == name:
             self.stack.pop()
         tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
+            self.nonfinite.append(name)
         if tensors and tensors[0].shape[0] > self.sample:
             self.outputs.append((name, tensors[0][self.sample].detach().clone()))
 
@@ -200,6 +203,10 @@ def _first_sample(output: Any, sample: int) -> dict[str, torch.Tensor]:
             and v.shape[0] > sample}
 
 
+def _nonfinite_count(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum())
+
+
 def _rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     worst = 0.0
     for key in a.keys() & b.keys():
@@ -233,6 +240,7 @@ def probe(model: nn.Module, specs: list[InputSpec], seed: int = 0, has_modes: bo
         model.eval()
     session = _Probes(model, specs, seed, fixed_batch)
     session.observe()
+    session.finite()
     session.mode()
     session.batch_independence()
     session.batch_one()
@@ -271,6 +279,20 @@ class _Probes:
             for name, calls in source.items():
                 target[name] = target.get(name, 0) + calls
         self.dropouts = forced_a.dropouts + forced_c.dropouts
+
+    def finite(self) -> None:
+        """Finite inputs must give finite outputs: NaN compared with NaN would otherwise pass every other probe."""
+        bad = {name: _nonfinite_count(t) for name, t in flatten_outputs(self.out_a).items()
+               if isinstance(t, torch.Tensor) and t.is_floating_point()}
+        bad = {name: count for name, count in bad.items() if count}
+        if bad:
+            culprit = self.tap_a.nonfinite[0] if self.tap_a.nonfinite else ""
+            name, count = next(iter(bad.items()))
+            where = f"; {culprit} is the first module whose output is not finite" if culprit else ""
+            self.findings.append(Finding("BN014", culprit, f"{name} has {count} NaN/Inf value(s) on finite inputs "
+                                                           f"at batch {self.batch}{where}"))
+        self.results.append(ProbeResult("finite outputs", not bad, "every output finite on finite inputs" if not bad
+                                        else f"{len(bad)} output(s) with NaN/Inf values"))
 
     def mode(self) -> None:
         """Training flags at call time, and batch-norm calls that force training."""
@@ -318,7 +340,8 @@ class _Probes:
             detail = f"batch 1 fails: {first_line(exc, 200)}"
         failed = diff > PROBE_RTOL["batch_1"]
         if failed and not self.dependent:
-            self.findings.append(Finding("BN002", "", f"batch 1 differs from batch {self.batch}: {detail}"))
+            self.findings.append(Finding("BN002", "", f"batch 1 differs from batch {self.batch}: {detail}",
+                                         check="batch 1"))
         self.results.append(ProbeResult("batch 1", not failed, detail, {"max_rel": diff}))
 
     def determinism(self) -> None:

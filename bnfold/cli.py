@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 import torch
@@ -16,14 +20,16 @@ from rich.markup import escape
 
 from bnfold import __version__
 from bnfold.errors import BnfoldError, InputSpecError, OutputError, first_line
+from bnfold.findings import code_range
 from bnfold.fuse import FuseResult, fuse
 from bnfold.inputs import SHAPE_HINT, make_inputs, parse_input_spec
 from bnfold.load import load
 from bnfold.report import fuse_document, render_fuse, write_json
 from bnfold.save import save_model
 
-#: Exit codes (API, documented in the README).
+#: Exit codes (API, documented in the README). 130/143: interrupted by Ctrl-C / SIGTERM (128 + the signal).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 _OUTPUT_SUFFIX = {"torchscript": ".pt", "export": ".pt2", "pickle": ".pt", "state_dict": ".pt", "safetensors": ".safetensors"}
 
@@ -34,15 +40,52 @@ def exit_code(result: FuseResult) -> int:
 
 
 def _stdout_console() -> Console:
-    """Wide enough for tables in CI logs, where stdout is not a terminal and rich would assume 80 columns."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    """Wide enough for tables in CI logs, where stdout is not a terminal and rich would assume 80 columns.
+    No emoji codes: a file named ``a:x:b.pt`` is printed as it is."""
+    return Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _status_console() -> Console:
+    return Console(stderr=True, highlight=False, emoji=False)
+
+
+class Terminated(BaseException):
+    """SIGTERM (``timeout``, CI cancellation) as an exception, so that ``finally`` blocks remove temp files.
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` in library code cannot swallow it.
+    """
+
+
+@contextlib.contextmanager
+def handle_signals() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Terminated` (SIGINT already raises KeyboardInterrupt)."""
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (an embedding application): leave its signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_through(run: Callable[[], int], debug: bool) -> NoReturn:
-    """Run a command and exit with its code; bad input becomes one ``error:`` line and exit 2 (unless --debug)."""
+    """Run a command and exit with its code; bad input becomes one ``error:`` line and exit 2 (unless --debug).
+
+    Ctrl-C exits 130 and SIGTERM 143, after temp files and child processes are cleaned up by the unwinding.
+    """
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own deprecation chatter, not the user's
     try:
-        code = run()
+        with handle_signals():
+            code = run()
+    except KeyboardInterrupt:
+        _fail("interrupted (Ctrl-C): nothing was written", code=EXIT_INTERRUPTED)
+    except Terminated:
+        _fail("terminated (SIGTERM): nothing was written", code=EXIT_TERMINATED)
     except BnfoldError as exc:
         if debug:
             raise
@@ -55,12 +98,83 @@ def _exit_through(run: Callable[[], int], debug: bool) -> NoReturn:
     sys.exit(code)
 
 
-def _fail(message: str, hint: str | None = None) -> NoReturn:
-    console = Console(stderr=True, highlight=False)
+def _fail(message: str, hint: str | None = None, code: int = EXIT_USAGE) -> NoReturn:
+    console = Console(stderr=True, highlight=False, emoji=False)
     console.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True)
     if hint:
         console.print(f"Note: {hint}", markup=False, soft_wrap=True)
-    sys.exit(EXIT_USAGE)
+    sys.exit(code)
+
+
+# -- paths: no output may be an input or another output ----------------------------------------------------
+def _identity(path: Path) -> tuple[Any, ...]:
+    """What makes two paths the same file: the inode when it exists (hard links, symlinks), else the real path."""
+    try:
+        st = path.stat()
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
+def check_paths(inputs: dict[str, Path | None], outputs: dict[str, Path | None]) -> None:
+    """Refuse an output that is an input, an existing folder, or the same file as another output.
+
+    Keys are how the user named each path (``MODEL``, ``--json``...), for the message.
+    """
+    seen: dict[tuple[Any, ...], str] = {}
+    for label, path in inputs.items():
+        if path is not None:
+            seen.setdefault(_identity(Path(path)), label)
+            seen.setdefault(("path", os.path.realpath(path)), label)
+    for label, path in outputs.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise OutputError(f"{label} {path} is a folder", f"pass a file name for {label}")
+        for key in (_identity(path), ("path", os.path.realpath(path))):
+            if key in seen:
+                other = seen[key]
+                what = "the input" if other in inputs else "also the output of"
+                raise OutputError(f"{label} {path} is {what} {other}: bnfold never overwrites its inputs, and writes "
+                                  "each output to its own file", f"pass another path for {label}")
+        seen[_identity(path)] = seen[("path", os.path.realpath(path))] = label
+
+
+def _tolerances(atol: float | None, rtol: float | None) -> None:
+    for name, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputSpecError(f"{name} must be a finite number >= 0, got {value}",
+                                 "e.g. --atol 1e-5 --rtol 1e-4 (rtol is relative to each output's max magnitude)")
+
+
+# -- options shared by the commands (declared once) ---------------------------------------------------------
+def _options(*decorators: Callable[[Callable[..., Any]], Callable[..., Any]]):
+    def apply(function: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+    return apply
+
+
+INPUT_SHAPE = click.option(
+    "--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W[:DTYPE[:LOW..HIGH]]",
+    help="Example input shape, repeat for several inputs; dtype float32 (default), float16, bfloat16, int64, ...; "
+         "LOW..HIGH draws values from that range (token ids: 8,128:int64:0..30522). Not needed for .pt2 programs.")
+ARCH = click.option("--arch", metavar="MODULE:FACTORY", help="Callable that builds the model, for state dicts and "
+                    ".safetensors files (imported from the current directory too).")
+ARCH_KWARGS = click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object.")
+TRUST = click.option("--trust", "--trust-pickle", "trust", is_flag=True,
+                     help="Trust the model file (and a config that names code): allow whole pickles, pickled "
+                          ".pt2 members and TorchScript with non-core operators. They run code from the file.")
+ATOL = click.option("--atol", type=float, help="Absolute tolerance [default: per dtype, 1e-5 for float32].")
+RTOL = click.option("--rtol", type=float, help="Tolerance relative to each output's max magnitude "
+                    "[default: per dtype, 1e-4 for float32].")
+SEED = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+JSON = click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+                    help="Also write the report as JSON to this path.")
+DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+MODEL_OPTIONS = _options(INPUT_SHAPE, ARCH, ARCH_KWARGS, TRUST)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -72,45 +186,33 @@ def main() -> None:
     the original eval-mode model's.
 
     \b
-    Exit codes: 0 success, 1 parity outside tolerance (nothing written), 2 bad input (one-line error).
+    Exit codes: 0 success, 1 parity outside tolerance (nothing written), 2 bad input (one-line error),
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
     """
 
 
 def _output_path(model_path: Path, fmt: str, output: Path | None) -> Path:
-    if output is None:
-        output = model_path.with_name(f"{model_path.stem}.fused{_OUTPUT_SUFFIX[fmt]}")
-    if output.exists() and model_path.exists() and output.resolve() == model_path.resolve():
-        raise OutputError(f"the output {output} is the input file: bnfold never overwrites its input",
-                          "pass another path with -o")
-    return output
+    return output if output is not None else model_path.with_name(f"{model_path.stem}.fused{_OUTPUT_SUFFIX[fmt]}")
 
 
 @main.command("fuse")
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
               help="Where to write the folded model [default: MODEL's name with .fused before the suffix].")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W[:DTYPE]",
-              help="Example input shape, repeat for several inputs; dtype float32 (default), float16, bfloat16, "
-                   "int64, ... Not needed for .pt2 programs.")
-@click.option("--arch", metavar="MODULE:FACTORY", help="Callable that builds the model, for state dicts and "
-              ".safetensors files (imported from the current directory too).")
-@click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object.")
-@click.option("--trust-pickle", is_flag=True, help="Load whole pickled modules (runs code from the file).")
+@MODEL_OPTIONS
 @click.option("--keep-structure", is_flag=True, help="For state dicts: write a state dict for the same "
               "architecture, BNs neutralised (identity statistics), instead of a .pt2 program.")
-@click.option("--atol", type=float, help="Absolute tolerance [default: per dtype, 1e-5 for float32].")
-@click.option("--rtol", type=float, help="Tolerance relative to each output's max magnitude "
-              "[default: per dtype, 1e-4 for float32].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random comparison inputs.")
+@ATOL
+@RTOL
+@SEED
 @click.option("--discovery", type=click.Choice(["auto", "fx", "observed"]), default="auto", show_default=True,
               help="How BN pairs are found in eager models: torch.fx, observing forward passes, or fx falling "
                    "back to observation.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="Also write the report as JSON to this path.")
+@JSON
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@DEBUG
 def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
-                 arch_kwargs: str | None, trust_pickle: bool, keep_structure: bool, atol: float | None,
+                 arch_kwargs: str | None, trust: bool, keep_structure: bool, atol: float | None,
                  rtol: float | None, seed: int, discovery: str, json_path: Path | None, quiet: bool,
                  debug: bool) -> None:
     """Fold BatchNorm into conv/linear layers and prove output parity.
@@ -128,19 +230,21 @@ def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str,
           --input-shape 8,3,224,224 -o resnet18.fused.pt2
       bnfold fuse models/resnet_digits.safetensors --arch models.zoo:resnet_digits --input-shape 8,1,8,8
     """
-    _exit_through(lambda: _run_fuse(model_path, output, input_shapes, arch, arch_kwargs, trust_pickle,
+    _exit_through(lambda: _run_fuse(model_path, output, input_shapes, arch, arch_kwargs, trust,
                                     keep_structure, atol, rtol, seed, discovery, json_path, quiet), debug)
 
 
 def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
-              arch_kwargs: str | None, trust_pickle: bool, keep_structure: bool, atol: float | None,
+              arch_kwargs: str | None, trust: bool, keep_structure: bool, atol: float | None,
               rtol: float | None, seed: int, discovery: str, json_path: Path | None, quiet: bool) -> int:
     console = _stdout_console()
-    status = Console(stderr=True)
+    status = _status_console()
     started = time.perf_counter()
+    _tolerances(atol, rtol)
     specs = [parse_input_spec(s) for s in input_shapes]
-    with status.status(f"loading {model_path}"):
-        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    check_paths({"MODEL": model_path}, {"-o": output, "--json": json_path})
+    with status.status(f"loading {escape(str(model_path))}"):
+        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
     specs = specs or loaded.input_specs or []
     if not specs:
         raise InputSpecError(f"{model_path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
@@ -149,19 +253,21 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
                              f"{model_path} is a {loaded.format} file; its output keeps its format anyway")
     out_format = loaded.format if keep_structure or loaded.format not in ("state_dict", "safetensors") else "export"
     out_path = _output_path(model_path, out_format, output)
+    check_paths({"MODEL": model_path}, {"-o": out_path, "--json": json_path})
     with status.status("folding and comparing"):
         result = fuse(loaded.model, specs, atol=atol, rtol=rtol, seed=seed, method=discovery,
                       keep_structure=keep_structure)
     result.notes[:0] = loaded.notes
     written = None
     if result.ok:
-        with status.status(f"writing {out_path}"):
+        with status.status(f"writing {escape(str(out_path))}"):
             save_model(result.model, out_format, out_path, make_inputs(specs, seed))
         written = str(out_path)
     result.timings["total"] = time.perf_counter() - started
     if quiet:
         console.print(("PASSED" if result.ok else "FAILED") + f" | {len(result.folded)} folded, "
-                      f"{len(result.skipped)} skipped" + (f" | wrote {written}" if written else ""), soft_wrap=True)
+                      f"{len(result.skipped)} skipped" + (f" | wrote {escape(written)}" if written else ""),
+                      soft_wrap=True)
     else:
         render_fuse(result, console, source=str(model_path), output=written)
     if json_path is not None:
@@ -171,13 +277,30 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
     return exit_code(result)
 
 
-@main.command("verify")
+VERIFY_HELP = f"""Catch train/inference-mode bugs and prove ONNX parity: one CI gate.
+
+    \b
+    Probes the eval model (batch independence, determinism, finite outputs, modules left in training
+    mode), checks BN statistics, folds and compares, exports to ONNX (or takes --onnx), lints the graph and
+    compares onnxruntime with PyTorch at batch 1 and the given batch. Finding codes {code_range()} are listed
+    in the README. Exit codes: 0 no error findings, 1 error findings, 2 could not run.
+
+    \b
+    A config that names code (arch, data = "module:function") runs only with --trust: a config cannot
+    grant trust itself. On untrusted pull requests, run without --trust (README: Security).
+
+    \b
+    Examples:
+      bnfold verify model.pt2                                  # by hand
+      bnfold verify ckpt.pt --arch mypkg.nets:resnet18 --input-shape 8,3,224,224 --junit verify.xml
+      bnfold verify model.onnx                                 # graph-only checks
+      bnfold verify --trust                                    # CI: the models in pyproject.toml
+    """
+
+
+@main.command("verify", help=VERIFY_HELP)
 @click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W[:DTYPE]",
-              help="Example input shape, repeat for several inputs (not needed for .pt2 programs).")
-@click.option("--arch", metavar="MODULE:FACTORY", help="Callable that builds the model, for state dicts.")
-@click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object.")
-@click.option("--trust-pickle", is_flag=True, help="Load whole pickled modules (runs code from the file).")
+@MODEL_OPTIONS
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Compare this existing ONNX file with the torch model instead of exporting one.")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
@@ -186,72 +309,67 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
 @click.option("--skip", "skip_checks", multiple=True, type=click.Choice(["audit", "fold", "onnx"]),
               help="Skip a group of checks (repeatable).")
 @click.option("--disable", metavar="CODE[,CODE]", help="Finding codes to ignore, e.g. BN011,BN006.")
-@click.option("--atol", type=float, help="Absolute tolerance [default: per dtype, 1e-5 for float32].")
-@click.option("--rtol", type=float, help="Tolerance relative to each output's max magnitude [default: 1e-4 "
-              "for float32].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random probe inputs.")
+@ATOL
+@RTOL
+@SEED
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop an onnxruntime call after this long and report it (BN010) [default: 300].")
 @click.option("--data", "data_spec", metavar="PATH|MODULE:FUNCTION",
               help="Representative inputs (as for recalibrate): report stale running statistics (BN013).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
               help="pyproject.toml with [[tool.bnfold.models]] [default: the nearest one, when MODEL is omitted].")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the report as JSON.")
+@JSON
 @click.option("--junit", "junit_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write JUnit XML (one test case per check per model) for CI dashboards.")
 @click.option("--format", "output_format", type=click.Choice(["text", "github"]), default="text", show_default=True,
               help="github: also print GitHub Actions annotations (::error ...).")
 @click.option("--timings", is_flag=True, help="Print the time spent in each stage.")
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@DEBUG
 def verify_command(model_path: Path | None, input_shapes: tuple[str, ...], arch: str | None, arch_kwargs: str | None,
-                   trust_pickle: bool, onnx_path: Path | None, exporter: str, skip_checks: tuple[str, ...],
-                   disable: str | None, atol: float | None, rtol: float | None, seed: int, data_spec: str | None,
-                   config_path: Path | None,
-                   json_path: Path | None, junit_path: Path | None, output_format: str, timings: bool,
-                   debug: bool) -> None:
-    """Catch train/inference-mode bugs and prove ONNX parity: one CI gate.
-
-    \b
-    Probes the eval model (batch independence, determinism, modules left in training mode), checks BN
-    statistics, folds and compares, exports to ONNX (or takes --onnx), lints the graph and compares
-    onnxruntime with PyTorch at batch 1 and the given batch. Finding codes BN001-BN012 are listed in the
-    README. Exit codes: 0 no error findings, 1 error findings, 2 could not run.
-
-    \b
-    Examples:
-      bnfold verify model.pt2                                  # by hand
-      bnfold verify ckpt.pt --arch mypkg.nets:resnet18 --input-shape 8,3,224,224 --junit verify.xml
-      bnfold verify model.onnx                                 # graph-only checks
-      bnfold verify                                            # CI: the models in pyproject.toml
-    """
-    _exit_through(lambda: _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_path,
-                                      exporter, skip_checks, disable, atol, rtol, seed, data_spec, config_path,
-                                      json_path, junit_path, output_format, timings), debug)
+                   trust: bool, onnx_path: Path | None, exporter: str, skip_checks: tuple[str, ...],
+                   disable: str | None, atol: float | None, rtol: float | None, seed: int, timeout: float | None,
+                   data_spec: str | None, config_path: Path | None, json_path: Path | None, junit_path: Path | None,
+                   output_format: str, timings: bool, debug: bool) -> None:
+    _exit_through(lambda: _run_verify(model_path, input_shapes, arch, arch_kwargs, trust, onnx_path,
+                                      exporter, skip_checks, disable, atol, rtol, seed, timeout, data_spec,
+                                      config_path, json_path, junit_path, output_format, timings), debug)
 
 
-def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_path, exporter, skip_checks,
-                disable, atol, rtol, seed, data_spec, config_path, json_path, junit_path, output_format,
+def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust, onnx_path, exporter, skip_checks,
+                disable, atol, rtol, seed, timeout, data_spec, config_path, json_path, junit_path, output_format,
                 timings) -> int:
     from bnfold.config import ModelConfig, find_pyproject, load_config
     from bnfold.report import github_annotations, junit_xml, render_verify, verify_document
     from bnfold.verify import CHECKS, verify
 
+    _tolerances(atol, rtol)
     disabled = tuple(c.strip().upper() for c in (disable or "").split(",") if c.strip())
+    pyproject = None
     if model_path is not None:
         configs = [ModelConfig(path=model_path, name=str(model_path), arch=arch, arch_kwargs=arch_kwargs,
                                input_specs=[parse_input_spec(s) for s in input_shapes], onnx=onnx_path,
-                               exporter=exporter, disable=disabled, atol=atol, rtol=rtol, trust_pickle=trust_pickle,
-                               seed=seed)]
+                               exporter=exporter, disable=disabled, atol=atol, rtol=rtol, trust=trust, seed=seed,
+                               data=data_spec, timeout=timeout)]
     else:
-        configs = load_config(config_path or find_pyproject(Path.cwd()))
-    status = Console(stderr=True)
+        pyproject = config_path or find_pyproject(Path.cwd())
+        configs = load_config(pyproject, trust=trust)
+    inputs: dict[str, Path | None] = {"--config": pyproject}
+    for cfg in configs:
+        inputs.update({f"model {cfg.name}": cfg.path, f"--onnx of {cfg.name}": cfg.onnx})
+        if cfg.data and Path(cfg.data).exists():
+            inputs[f"--data of {cfg.name}"] = Path(cfg.data)
+    check_paths(inputs, {"--json": json_path, "--junit": junit_path})
+    status = _status_console()
     reports = []
     for i, cfg in enumerate(configs, 1):
         checks = tuple(c for c in cfg.checks if c in CHECKS and c not in skip_checks)
-        with status.status(f"[{i}/{len(configs)}] verifying {cfg.name}"):
+        with status.status(f"[{i}/{len(configs)}] verifying {escape(cfg.name)}"):
             reports.append(verify(cfg.path, cfg.input_specs or None, onnx=cfg.onnx, exporter=cfg.exporter,
                                   checks=checks, disable=tuple(dict.fromkeys(cfg.disable + disabled)),
-                                  atol=cfg.atol, rtol=cfg.rtol, seed=cfg.seed, arch=cfg.arch,
-                                  arch_kwargs=cfg.arch_kwargs, trust_pickle=cfg.trust_pickle, name=cfg.name,
-                                  data=data_spec or cfg.data))
+                                  atol=_first(atol, cfg.atol), rtol=_first(rtol, cfg.rtol), seed=cfg.seed,
+                                  arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, trust=trust, name=cfg.name,
+                                  data=data_spec or cfg.data, timeout=_first(timeout, cfg.timeout),
+                                  code_root=cfg.root))
     console = _stdout_console()
     render_verify(reports, console, timings=timings)
     if output_format == "github":
@@ -264,8 +382,13 @@ def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_
         from bnfold.save import write_atomic
 
         xml = junit_xml(reports)
-        write_atomic(junit_path, lambda p: Path(p).write_text(xml))
+        write_atomic(junit_path, lambda p: Path(p).write_text(xml, encoding="utf-8"))
     return EXIT_OK if reports and all(r.ok for r in reports) else EXIT_FAILED
+
+
+def _first(*values: Any) -> Any:
+    """The command line's value when given, else the config's."""
+    return next((v for v in values if v is not None), None)
 
 
 @main.command("recalibrate")
@@ -274,18 +397,20 @@ def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust_pickle, onnx_
               help="Calibration inputs: .npy, .npz (array x), an image folder, or module:function returning batches.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
               help="Where to write the model [default: MODEL's name with .recal before the suffix].")
-@click.option("--samples", type=int, help="Use at most this many inputs (per process under torchrun).")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size for array and image data.")
+@click.option("--samples", type=click.IntRange(min=1), help="Use at most this many inputs (per process under "
+              "torchrun).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Batch size for array and image data.")
 @click.option("--method", type=click.Choice(["layerwise", "global"]), default="layerwise", show_default=True,
               help="layerwise: one eval-mode pass per BN, each sees what it will see at inference (exact); "
                    "global: one pass with batch statistics (fvcore/AIMET).")
-@click.option("--arch", metavar="MODULE:FACTORY", help="Callable that builds the model, for state dicts.")
-@click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object.")
-@click.option("--trust-pickle", is_flag=True, help="Load whole pickled modules (runs code from the file).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Write the report as JSON.")
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@ARCH
+@ARCH_KWARGS
+@TRUST
+@JSON
+@DEBUG
 def recalibrate_command(model_path: Path, data_spec: str, output: Path | None, samples: int | None, batch_size: int,
-                        method: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool,
+                        method: str, arch: str | None, arch_kwargs: str | None, trust: bool,
                         json_path: Path | None, debug: bool) -> None:
     """Re-estimate BN running statistics as population statistics of the data ("precise BN").
 
@@ -296,32 +421,32 @@ def recalibrate_command(model_path: Path, data_spec: str, output: Path | None, s
 
     \b
     Examples:
-      bnfold recalibrate model.pt --data calib.npz -o model.recal.pt --samples 4096
       bnfold recalibrate ckpt.safetensors --arch models.zoo:resnet_digits --data digits.npy
-      torchrun --nproc-per-node 2 -m bnfold.cli recalibrate model.pt --data calib.npz -o out.pt
+      bnfold recalibrate model.pt --trust --data calib.npz -o model.recal.pt --samples 4096   # a whole pickle
+      torchrun --nproc-per-node 2 -m bnfold.cli recalibrate ckpt.pt --arch ... --data calib.npz -o out.pt
     """
     _exit_through(lambda: _run_recalibrate(model_path, data_spec, output, samples, batch_size, method, arch,
-                                           arch_kwargs, trust_pickle, json_path), debug)
+                                           arch_kwargs, trust, json_path), debug)
 
 
-def _run_recalibrate(model_path, data_spec, output, samples, batch_size, method, arch, arch_kwargs, trust_pickle,
+def _run_recalibrate(model_path, data_spec, output, samples, batch_size, method, arch, arch_kwargs, trust,
                      json_path) -> int:
     from rich.table import Table
 
     from bnfold.data import load_data
     from bnfold.recalibrate import recalibrate
 
+    out_path = output or model_path.with_name(f"{model_path.stem}.recal{model_path.suffix}")
+    data_path = Path(data_spec) if Path(data_spec).exists() else None
+    check_paths({"MODEL": model_path, "--data": data_path}, {"-o": out_path, "--json": json_path})
     distributed = _init_distributed()
-    loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
     if loaded.format not in ("pickle", "state_dict", "safetensors"):
         raise InputSpecError(f"{model_path} is a {loaded.format} file: recalibration needs an eager model",
                              "pass a state dict with --arch, or a pickled module")
-    out_path = output or model_path.with_name(f"{model_path.stem}.recal{model_path.suffix}")
-    if out_path.exists() and out_path.resolve() == model_path.resolve():
-        raise OutputError(f"the output {out_path} is the input file: bnfold never overwrites its input")
     dtype = next((p.dtype for p in loaded.model.parameters()), torch.float32)
     try:
-        with Console(stderr=True).status("recalibrating"):
+        with _status_console().status("recalibrating"):
             result = recalibrate(loaded.model, load_data(data_spec, batch_size, dtype), samples=samples,
                                  method=method)
     finally:
@@ -341,8 +466,8 @@ def _run_recalibrate(model_path, data_spec, output, samples, batch_size, method,
     console.print(table)
     for name, reason in result.skipped:
         console.print(f"skipped {escape(name)}: {escape(reason)}", soft_wrap=True)
-    console.print(f"outputs moved by up to {result.output_change:.3g} (relative to their scale) | wrote {out_path}",
-                  soft_wrap=True)
+    console.print(f"outputs moved by up to {result.output_change:.3g} (relative to their scale) | wrote "
+                  f"{escape(str(out_path))}", soft_wrap=True)
     if json_path is not None:
         write_json(json_path, {"schema_version": 1, "command": "recalibrate", "output": str(out_path),
                                **result.to_dict()})

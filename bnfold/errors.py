@@ -29,7 +29,11 @@ class LoadError(BnfoldError):
     """The model file cannot be read, is of an unknown format, or does not match the architecture."""
 
 
-class UnsafePickleError(LoadError):
+class UnsafeModelError(LoadError):
+    """The file would run code (or touch files) when loaded or run; refused without ``--trust``."""
+
+
+class UnsafePickleError(UnsafeModelError):
     """A whole pickled module was refused because loading it would run code from the file."""
 
 

@@ -45,16 +45,66 @@ CODES: dict[str, Code] = {c.code: c for c in [
          "call model.eval() before saving or exporting; bnfold verified it as deployed, in eval mode"),
     Code("BN013", "warning", "stale running statistics: far from the population statistics of the given data",
          "re-estimate them on representative data: bnfold recalibrate MODEL --data ..."),
+    Code("BN014", "error", "the eval model's output is NaN or infinite on finite inputs",
+         "the named module is the first whose output is not finite: check its weights and BN statistics (an inf "
+         "weight, running_var 0 with eps 0)"),
 ]}
 
 
 @dataclass(frozen=True)
+class CheckDef:
+    """One check of ``bnfold verify``: a JUnit test case and a line of the report, with the codes it can file."""
+
+    name: str
+    group: str  # the --skip group that runs it: audit, fold, onnx (or "load" for what loading finds)
+    codes: tuple[str, ...]
+
+
+#: Every check, in report order. The code -> check and check -> codes maps below are derived from it.
+CHECKS: tuple[CheckDef, ...] = (
+    CheckDef("handover", "load", ("BN012",)),
+    CheckDef("statistics", "audit", ("BN003", "BN004", "BN005", "BN006")),
+    CheckDef("mode", "audit", ("BN001",)),
+    CheckDef("batch independence", "audit", ("BN002",)),
+    CheckDef("batch 1", "audit", ("BN002",)),
+    CheckDef("determinism", "audit", ("BN007",)),
+    CheckDef("finite outputs", "audit", ("BN014",)),
+    CheckDef("statistics vs data", "audit", ("BN013",)),
+    CheckDef("fold parity", "fold", ("BN008",)),
+    CheckDef("onnx lint", "onnx", ("BN009", "BN011")),
+    CheckDef("onnx parity", "onnx", ("BN010",)),
+    CheckDef("onnx determinism", "onnx", ("BN007",)),
+)
+CHECK_GROUPS = ("audit", "fold", "onnx")
+#: The codes that can make each check fail (a check failing only through disabled codes passes).
+CODES_OF_CHECK: dict[str, tuple[str, ...]] = {c.name: c.codes for c in CHECKS}
+#: The check a code is filed under unless its finding names another (the first check that lists it).
+CHECK_OF_CODE: dict[str, str] = {}
+for _check in CHECKS:
+    for _code in _check.codes:
+        CHECK_OF_CODE.setdefault(_code, _check.name)
+assert set(CHECK_OF_CODE) == set(CODES), "every code belongs to a check, and every check's codes exist"
+
+
+@dataclass(frozen=True)
 class Finding:
-    """One problem found. ``module`` is a dotted module name, an ONNX node name, or "" for the whole model."""
+    """One problem found. ``module`` is a dotted module name, an ONNX node name, or "" for the whole model.
+
+    ``check`` is the check that filed it, when its code belongs to several (BN002: batch independence or
+    batch 1; BN007: determinism of PyTorch or of onnxruntime).
+    """
 
     code: str
     module: str
     message: str
+    advice: str | None = None  # a hint for this case, when the code's general hint does not fit
+    check: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.code not in CODES:
+            raise ValueError(f"unknown finding code {self.code!r}")
+        if self.check is not None and self.code not in CODES_OF_CHECK.get(self.check, ()):
+            raise ValueError(f"{self.code} is not a code of the check {self.check!r}")
 
     @property
     def severity(self) -> Severity:
@@ -62,29 +112,22 @@ class Finding:
 
     @property
     def hint(self) -> str:
-        return CODES[self.code].hint
+        return self.advice or CODES[self.code].hint
+
+    @property
+    def check_name(self) -> str:
+        return self.check or CHECK_OF_CODE[self.code]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "severity": self.severity, "module": self.module, "message": self.message,
-                "hint": self.hint}
+        return {"code": self.code, "severity": self.severity, "check": self.check_name, "module": self.module,
+                "message": self.message, "hint": self.hint}
 
     def __str__(self) -> str:
         where = f"{self.module}: " if self.module else ""
         return f"{self.code} {self.severity} {where}{self.message}"
 
 
-#: The check each code belongs to (JUnit test cases and the terminal table group findings by it).
-CHECK_OF_CODE = {
-    "BN001": "mode", "BN002": "batch independence", "BN003": "statistics", "BN004": "statistics",
-    "BN005": "statistics", "BN006": "statistics", "BN007": "determinism", "BN008": "fold parity",
-    "BN009": "onnx parity", "BN010": "onnx parity", "BN011": "onnx parity", "BN012": "handover",
-    "BN013": "statistics vs data",
-}
-
-#: The codes that can make each check fail (a check failing only through disabled codes passes).
-CODES_OF_CHECK: dict[str, tuple[str, ...]] = {
-    "statistics": ("BN003", "BN004", "BN005", "BN006"), "mode": ("BN001",), "batch independence": ("BN002",),
-    "batch 1": ("BN002",), "determinism": ("BN007",), "fold parity": ("BN008",),
-    "onnx parity": ("BN009", "BN010", "BN011"), "statistics vs data": ("BN013",),
-    "onnx lint": ("BN009", "BN011"), "onnx determinism": ("BN007",),
-}
+def code_range() -> str:
+    """``BN001-BN014``: for help texts, so they never go stale."""
+    codes = sorted(CODES)
+    return f"{codes[0]}-{codes[-1]}"

@@ -73,8 +73,13 @@ def run_model(model: Callable[..., Any], inputs: tuple[Any, ...], seed: int = 0)
                             "check --input-shape (and its dtype) against what the model expects") from exc
 
 
-def parity_inputs(specs: list[InputSpec], seed: int) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
-    """Batch 1 and the given batch (when it differs), seeded."""
+def parity_inputs(specs: list[InputSpec], seed: int, given: tuple[torch.Tensor, ...] | None = None
+                  ) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    """Batch 1 and the given batch (when it differs): the caller's own example tensors when given (batch 1 is
+    their first sample; token ids and class indices keep their meaning), else seeded draws."""
+    if given and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in given):
+        cases = [("batch 1", tuple(t[:1] for t in given))]
+        return cases + ([(f"batch {given[0].shape[0]}", tuple(given))] if given[0].shape[0] > 1 else [])
     batches = sorted({1, specs[0].shape[0] if specs and specs[0].shape else 1})
     return [(f"batch {b}", make_inputs(specs, seed, batch=b)) for b in batches]
 
@@ -159,14 +164,14 @@ def fuse(
     """Fold every BatchNorm of ``model`` that can be folded and prove the result matches.
 
     ``model`` is an ``nn.Module``, a TorchScript module or a ``torch.export`` program. ``example_inputs``
-    are tensors (their shapes and dtypes are used; the values are regenerated from ``seed``) or
-    :class:`~bnfold.inputs.InputSpec` objects. ``method`` picks discovery for ``nn.Module`` models:
+    are tensors (compared as they are, batch 1 being their first sample; further draws for discovery are
+    seeded, integers within the range of the given values) or :class:`~bnfold.inputs.InputSpec` objects. ``method`` picks discovery for ``nn.Module`` models:
     ``"fx"``, ``"observed"`` or ``"auto"`` (fx, falling back to observing forward passes when tracing
     fails). ``keep_structure`` keeps every module and state-dict key (BNs neutralised instead of removed).
     The input model is not modified; ``result.model`` is a folded copy in eval mode.
     """
-    specs = list(example_inputs) if example_inputs and isinstance(example_inputs[0], InputSpec) else specs_from_tensors(
-        tuple(example_inputs))
+    given = None if not example_inputs or isinstance(example_inputs[0], InputSpec) else tuple(example_inputs)
+    specs = specs_from_tensors(given) if given else list(example_inputs or ())
     if not specs:
         raise InputSpecError("no example inputs were given", SHAPE_HINT)
     target = _target(model, method, keep_structure)
@@ -175,16 +180,17 @@ def fuse(
     # The caller's model is the reference (no copy: peak memory stays near one extra model); eval_mode
     # restores its train/eval flags afterwards and nothing writes to it.
     with eval_mode(target.reference) if target.has_modes else contextlib.nullcontext(target.reference) as reference:
-        result = _fuse(target, reference, specs, atol, rtol, seed)
+        result = _fuse(target, reference, specs, atol, rtol, seed, given)
     result.was_training = was_training
     return result
 
 
-def _fuse(target: _Target, reference: Any, specs: list[InputSpec], atol, rtol, seed: int) -> FuseResult:
+def _fuse(target: _Target, reference: Any, specs: list[InputSpec], atol, rtol, seed: int,
+          given: tuple[torch.Tensor, ...] | None) -> FuseResult:
     timings: dict[str, float] = {}
-    inputs = parity_inputs(specs, seed)
+    inputs = parity_inputs(specs, seed, given)
     if target.fixed_shapes:
-        inputs = [(f"batch {specs[0].shape[0]}", make_inputs(specs, seed))]
+        inputs = [(f"batch {specs[0].shape[0]}", given or make_inputs(specs, seed))]
     cases = reference_cases(reference, inputs)  # a model that cannot run on these inputs fails here, clearly
 
     start = time.perf_counter()

@@ -8,8 +8,10 @@ code from the file). Everything else is loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import os
 import struct
 import sys
@@ -21,13 +23,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bnfold import trust as gate
 from bnfold.errors import ArchError, LoadError, UnsafePickleError, first_line
 from bnfold.inputs import InputSpec
 
 Format = Literal["torchscript", "export", "state_dict", "safetensors", "pickle"]
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
-PICKLE_HINT = ("if you trust the file, pass --trust-pickle; better, save a state dict (torch.save(model.state_dict())) "
+PICKLE_HINT = ("if you trust the file, pass --trust; better, save a state dict (torch.save(model.state_dict())) "
                "and pass --arch, or save a torch.export program (.pt2)")
 
 
@@ -42,14 +45,16 @@ class Loaded:
 
 
 def sniff(path: Path) -> str:
-    """``"zip:torchscript"``, ``"zip:export"``, ``"zip:torch"``, ``"safetensors"``, ``"pickle"`` or ``"unknown"``."""
+    """``"zip:torchscript"``, ``"zip:export"``, ``"zip:torch"``, ``"zip:damaged"``, ``"safetensors"``, ``"pickle"``
+    or ``"unknown"``."""
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(b"PK\x03\x04"):
         try:
-            names = zipfile.ZipFile(path).namelist()
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
         except (zipfile.BadZipFile, OSError, ValueError):
-            return "unknown"
+            return "zip:damaged"
         if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
             return "zip:torchscript"
         if any(n.endswith("archive_format") or "/models/" in n and n.endswith(".json") for n in names):
@@ -66,46 +71,95 @@ def sniff(path: Path) -> str:
     return "unknown"
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch's loaders log tracebacks ("check the warnings above") for damaged files; bnfold's error says it all."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _check_archive(path: Path, kind: str, trust: bool) -> None:
+    """Declared sizes always; what would run code unless trusted. Nothing from the file has run yet."""
+    if not kind.startswith("zip:"):
+        return
+    with zipfile.ZipFile(path) as archive:
+        gate.check_zip_sizes(str(path), archive)
+        if trust:
+            return
+        if kind == "zip:export":
+            gate.check_pt2_archive(str(path), archive)
+        elif kind == "zip:torchscript":
+            gate.check_torchscript_source(str(path), archive)
+
+
 def load(path: str | os.PathLike[str], *, arch: str | None = None, arch_kwargs: str | None = None,
-         trust_pickle: bool = False) -> Loaded:
+         trust: bool = False, trust_pickle: bool = False, code_root: str | os.PathLike[str] | None = None) -> Loaded:
+    """Load ``path``. Without ``trust`` (``trust_pickle`` is its old name), anything that would run code from the
+    file is refused before it runs (see :mod:`bnfold.trust`). ``arch`` (and the modules a trusted pickle refers
+    to) are imported from ``code_root``, the current folder by default."""
+    trust = trust or trust_pickle
     path = Path(path)
     if not path.is_file():
-        raise LoadError(f"{path}: no such file")
+        raise LoadError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise LoadError(f"{path}: permission denied", "make the file readable by this user")
     kind = sniff(path)
+    if kind == "zip:damaged":
+        raise LoadError(f"{path}: a damaged zip archive (truncated, or its central directory is broken)",
+                        "the file was probably cut short while copying or saving; copy or save it again")
+    _check_archive(path, kind, trust)
     try:
-        if kind == "zip:torchscript":
-            return Loaded(torch.jit.load(str(path), map_location="cpu"), "torchscript", path)
-        if kind == "zip:export":
-            program = torch.export.load(str(path))
-            return Loaded(program, "export", path, input_specs=program_input_specs(program))
-        if kind == "safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-            return _with_arch(state, path, "safetensors", arch, arch_kwargs)
-        if kind in ("zip:torch", "pickle"):
-            return _load_torch_file(path, arch, arch_kwargs, trust_pickle)
+        with _quiet_torch_logs():
+            return _load_kind(path, kind, arch, arch_kwargs, trust, Path(code_root or os.getcwd()))
     except LoadError:
         raise
     except Exception as exc:  # torch's loaders raise many types for damaged files
-        raise LoadError(f"{path}: cannot read it as a {kind.removeprefix('zip:')} file: {first_line(exc)}",
+        raise LoadError(f"{path}: cannot read it as a {_KIND_NAMES.get(kind, kind)}: {first_line(exc)}",
                         "the file may be truncated or damaged; re-save it") from exc
+
+
+_KIND_NAMES = {"zip:torchscript": "TorchScript archive", "zip:export": "torch.export program",
+               "zip:torch": "torch.save checkpoint", "pickle": "pickle", "safetensors": "safetensors file"}
+
+
+def _load_kind(path: Path, kind: str, arch: str | None, arch_kwargs: str | None, trust: bool, root: Path) -> Loaded:
+    if kind == "zip:torchscript":
+        module = torch.jit.load(str(path), map_location="cpu")
+        if not trust:
+            gate.check_operators(str(path), gate.script_operators(module), "TorchScript code")
+        return Loaded(module, "torchscript", path)
+    if kind == "zip:export":
+        program = torch.export.load(str(path))
+        if not trust:
+            gate.check_operators(str(path), gate.program_operators(program), "graph")
+        return Loaded(program, "export", path, input_specs=program_input_specs(program))
+    if kind == "safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+        return _with_arch(state, path, "safetensors", arch, arch_kwargs, root)
+    if kind in ("zip:torch", "pickle"):
+        return _load_torch_file(path, arch, arch_kwargs, trust, root)
     raise LoadError(f"{path}: not a model file bnfold knows (first bytes {_head(path)!r})",
                     "expected a TorchScript archive, a torch.export .pt2 program, a torch.save checkpoint or a "
                     ".safetensors file")
 
 
-def _load_torch_file(path: Path, arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> Loaded:
+def _load_torch_file(path: Path, arch: str | None, arch_kwargs: str | None, trust: bool, root: Path) -> Loaded:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
             raise
-        if not trust_pickle:
+        if not trust:
             raise UnsafePickleError(
                 f"{path}: refusing to unpickle it: the file holds Python objects ({_unsupported_global(exc)}) and "
                 "loading it would run code from the file", PICKLE_HINT) from None
-        _import_from_cwd()
+        importable(root)
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except (ImportError, AttributeError) as exc:
@@ -113,16 +167,16 @@ def _load_torch_file(path: Path, arch: str | None, arch_kwargs: str | None, trus
                             "run bnfold from the directory that contains the model's package, or install it") from None
     if isinstance(obj, nn.Module):
         return Loaded(obj, "pickle", path, arch=None)
-    return _with_arch(obj, path, "state_dict", arch, arch_kwargs)
+    return _with_arch(obj, path, "state_dict", arch, arch_kwargs, root)
 
 
-def _with_arch(obj: Any, path: Path, fmt: Format, arch: str | None, arch_kwargs: str | None) -> Loaded:
+def _with_arch(obj: Any, path: Path, fmt: Format, arch: str | None, arch_kwargs: str | None, root: Path) -> Loaded:
     state, where = extract_state_dict(obj, path)
     if arch is None:
         raise ArchError(f"{path} holds a state dict ({len(state)} tensors), not a model",
                         "pass --arch package.module:factory (a callable returning the nn.Module), e.g. "
                         "--arch models.zoo:resnet_digits")
-    model = build_arch(arch, arch_kwargs)
+    model = build_arch(arch, arch_kwargs, root)
     notes = [f"weights read from the {where!r} entry"] if where else []
     notes += load_into(model, state, path, arch)
     return Loaded(model.eval(), fmt, path, arch=arch, notes=notes)  # a state dict carries no train/eval mode
@@ -143,8 +197,8 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], s
     raise LoadError(f"{path}: holds a {type(obj).__name__}, not a model or a state dict")
 
 
-def build_arch(arch: str, arch_kwargs: str | None) -> nn.Module:
-    """Import ``package.module:factory`` (from the current directory too) and call it."""
+def build_arch(arch: str, arch_kwargs: str | None, root: str | os.PathLike[str] | None = None) -> nn.Module:
+    """Import ``package.module:factory`` (from ``root``, the current directory by default, too) and call it."""
     module_name, sep, attr = arch.partition(":")
     if not sep or not module_name or not attr:
         raise ArchError(f"--arch {arch!r} is not of the form package.module:factory", "e.g. --arch models.zoo:resnet_digits")
@@ -157,7 +211,7 @@ def build_arch(arch: str, arch_kwargs: str | None) -> nn.Module:
                             "e.g. --arch-kwargs '{\"num_classes\": 10}'") from None
         if not isinstance(kwargs, dict):
             raise ArchError(f"--arch-kwargs must be a JSON object, got {type(kwargs).__name__}")
-    _import_from_cwd()
+    importable(Path(root or os.getcwd()))
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
@@ -175,10 +229,10 @@ def build_arch(arch: str, arch_kwargs: str | None) -> nn.Module:
     return model
 
 
-def _import_from_cwd() -> None:
-    """Like ``python -m``: model code usually lives in the user's project, so the current folder is importable."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+def importable(root: Path) -> None:
+    """Like ``python -m``: model code usually lives in the user's project, so its folder is importable."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> list[str]:

@@ -13,7 +13,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from bnfold.compare import Comparison, OutputDiff
-from bnfold.findings import CHECK_OF_CODE
 from bnfold.fuse import FuseResult
 from bnfold.save import write_atomic
 
@@ -142,8 +141,6 @@ def junit_xml(reports: list[Any]) -> str:
     suites = ET.Element("testsuites", name="bnfold verify")
     for report in reports:
         cases = [(c.name, c.passed, c.detail, c.seconds) for c in report.checks]
-        if any(f.code == "BN012" for f in report.findings):
-            cases.append(("handover", True, "model handed over in training mode", 0.0))
         failures = sum(1 for name, passed, *_ in cases if not passed or _errors_of(report, name))
         suite = ET.SubElement(suites, "testsuite", name=report.model, tests=str(len(cases)), failures=str(failures),
                               time=f"{report.timings.get('total', 0.0):.3f}")
@@ -153,14 +150,14 @@ def junit_xml(reports: list[Any]) -> str:
             if not passed or errors:
                 failure = ET.SubElement(case, "failure", message=detail)
                 failure.text = "\n".join(str(f) for f in errors) or detail
-            warnings = [f for f in report.findings if CHECK_OF_CODE[f.code] == name and f.severity == "warning"]
+            warnings = [f for f in report.findings if f.check_name == name and f.severity == "warning"]
             if warnings:
                 ET.SubElement(case, "system-out").text = "\n".join(str(f) for f in warnings)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True)
 
 
 def _errors_of(report: Any, check: str) -> list[Any]:
-    return [f for f in report.errors if CHECK_OF_CODE[f.code] == check]
+    return [f for f in report.errors if f.check_name == check]
 
 
 def github_annotations(reports: list[Any]) -> str:

@@ -30,7 +30,7 @@ def assert_deployable(model: Any, example_inputs: Any, **options: Any) -> Report
     """Run :func:`bnfold.verify` and raise ``AssertionError`` with the findings table unless it passes."""
     report = verify(model, example_inputs, **options)
     if not report.ok:
-        console = Console(width=160, record=True, force_terminal=False, color_system=None)
+        console = Console(width=160, record=True, force_terminal=False, color_system=None, emoji=False)
         with console.capture() as capture:
             render_verify([report], console)
         raise NotDeployableError("model is not deployable:\n" + capture.get(), report)

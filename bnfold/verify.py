@@ -9,25 +9,32 @@ over in training mode is reported (BN012), never compared against its train-mode
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from bnfold import audit
 from bnfold.compare import Comparison
-from bnfold.errors import BnfoldError, InputSpecError, first_line
-from bnfold.findings import CODES, CODES_OF_CHECK, Finding
+from bnfold.errors import BnfoldError, InputSpecError, LoadError, first_line
+from bnfold.findings import CHECK_GROUPS, CODES, CODES_OF_CHECK, Finding
 from bnfold.fuse import eval_mode, fuse, parity_inputs, reference_cases
 from bnfold.inputs import SHAPE_HINT, InputSpec, specs_from_tensors
 from bnfold.load import Loaded, has_static_batch, load
 from bnfold.onnx_check import OrtWorker, check_onnx
 
-CHECKS = ("audit", "fold", "onnx")
+try:  # TEMPORARY while the onnx_check timeout lands
+    from bnfold.onnx_check import DEFAULT_ORT_TIMEOUT_S
+except ImportError:  # pragma: no cover
+    DEFAULT_ORT_TIMEOUT_S = 300.0
+
+CHECKS = CHECK_GROUPS
 
 
 @dataclass
@@ -61,7 +68,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return bool(self.checks) and not self.errors and all(c.passed for c in self.checks)
+        ran = any(c.name != "handover" for c in self.checks)  # a run that checked nothing fails
+        return ran and not self.errors and all(c.passed for c in self.checks)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -92,10 +100,13 @@ def verify(
     seed: int = 0,
     arch: str | None = None,
     arch_kwargs: str | None = None,
+    trust: bool = False,
     trust_pickle: bool = False,
     name: str | None = None,
     data: Any = None,
     samples: int | None = 4096,
+    timeout: float | None = None,
+    code_root: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Verify that ``model`` is deployable: eval-mode correctness, foldability and ONNX parity.
 
@@ -104,7 +115,12 @@ def verify(
     the torch model instead of exporting one. ``disable`` drops finding codes, like a linter's ignore list.
     ``data`` (batches, a callable returning them, or a ``--data`` spec string) adds the stale-statistics check
     (BN013): the running statistics are compared with population statistics of up to ``samples`` inputs.
+    ``trust`` (``trust_pickle`` is its old name) allows files that run code (see :mod:`bnfold.trust`).
+    ``timeout`` bounds each onnxruntime call (seconds). ``code_root`` is the folder ``arch`` is imported from
+    (the current folder when None).
     """
+    trust = trust or trust_pickle
+    timeout = DEFAULT_ORT_TIMEOUT_S if timeout is None else timeout
     unknown = [c for c in disable if c not in CODES]
     if unknown:
         raise InputSpecError(f"unknown finding code(s) to disable: {', '.join(unknown)}",
@@ -112,9 +128,12 @@ def verify(
     report = Report(model=name or (str(model) if not isinstance(model, nn.Module) else type(model).__name__),
                     disabled=tuple(disable))
     start = time.perf_counter()
-    if isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".onnx":
-        return _verify_onnx_only(Path(model), example_inputs, report, seed)
-    loaded = (load(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    if isinstance(model, (str, os.PathLike)) and _is_onnx(Path(model)):
+        return _verify_onnx_only(Path(model), example_inputs, report, seed, timeout)
+    if onnx is not None and not Path(onnx).is_file():
+        raise LoadError(f"--onnx {onnx}: no such file", "pass the path of an existing .onnx file, or omit --onnx to "
+                        "export one")
+    loaded = (load(model, arch=arch, arch_kwargs=arch_kwargs, trust=trust, code_root=code_root)
               if isinstance(model, (str, os.PathLike)) else Loaded(model, "module", Path(report.model)))
     report.timings["load"] = time.perf_counter() - start
     report.notes += loaded.notes
@@ -123,33 +142,74 @@ def verify(
     has_modes = not isinstance(loaded.model, torch.export.ExportedProgram)
     fixed_batch = not has_modes and has_static_batch(loaded.model)
 
-    if has_modes and any(m.training for m in subject.modules()):
+    handed_in_training = has_modes and any(m.training for m in subject.modules())
+    if handed_in_training:
         report.findings.append(Finding("BN012", "", "handed over with model.training=True; verified after eval()"))
+    if checks:  # a run that checks nothing must not pass on the handover alone
+        report.checks.append(Check("handover", True, "handed over in training mode; verified after eval()"
+                                   if handed_in_training else "handed over in eval mode" if has_modes
+                                   else "a torch.export program: its mode is part of its graph"))
     # Start onnxruntime's process first: its slow import overlaps with the audit, the fold and the export.
-    with OrtWorker() if "onnx" in checks else contextlib.nullcontext() as worker:
+    with _worker(timeout) if "onnx" in checks else contextlib.nullcontext() as worker:
         if "audit" in checks:
             _audit(subject, specs, seed, report, has_modes, fixed_batch)
             if data is not None:
-                _stale(subject, data, samples, report)
+                _stale(subject, data, samples, report, code_root)
         if "fold" in checks:
-            _fold(loaded.model, specs, seed, atol, rtol, report)
+            _fold(loaded.model, _given(example_inputs) or specs, seed, atol, rtol, report)
         if "onnx" in checks:
             if not has_modes:
                 report.notes.append("a torch.export program is exported to ONNX as it is, by the dynamo exporter")
             _onnx(subject if has_modes else loaded.model, specs, seed, atol, rtol, exporter if has_modes else "dynamo",
-                  Path(onnx) if onnx else None, report, has_modes, fixed_batch, worker)
-    _apply_disable(report)
+                  Path(onnx) if onnx else None, report, has_modes, fixed_batch, worker, _given(example_inputs))
+    _finish(report)
     report.timings["total"] = time.perf_counter() - start
     return report
 
 
-def _apply_disable(report: Report) -> None:
-    """Drop disabled codes; a check that failed only through them passes, and says so."""
+def _worker(timeout: float) -> OrtWorker:
+    try:
+        return OrtWorker(timeout=timeout)
+    except TypeError:  # TEMPORARY
+        return OrtWorker()
+
+
+def _is_onnx(path: Path) -> bool:
+    """An ONNX file by its suffix, or by its content when the suffix says nothing (a protobuf, not a zip/pickle)."""
+    if path.suffix.lower() == ".onnx":
+        return True
+    from bnfold.load import sniff
+
+    return path.is_file() and path.suffix.lower() not in (".pt", ".pt2", ".pth", ".safetensors", ".bin", ".ckpt") \
+        and sniff(path) == "unknown" and _looks_like_onnx(path)
+
+
+def _looks_like_onnx(path: Path) -> bool:
+    import onnx as onnx_lib
+
+    try:
+        model = onnx_lib.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a protobuf: not ONNX
+        return False
+    return bool(model.graph.node) or bool(model.opset_import)
+
+
+def _finish(report: Report) -> None:
+    """Every finding belongs to a check of the report; disabled codes are dropped, and a check that failed
+    only through them passes and says so."""
     report.findings = [f for f in report.findings if f.code not in report.disabled]
+    names = {c.name for c in report.checks}
+    for finding in report.findings:
+        if finding.check_name not in names:  # a finding filed outside a check's own stage still gets its case
+            names.add(finding.check_name)
+            report.checks.append(Check(finding.check_name, True, "see the findings"))
     for check in report.checks:
-        codes = CODES_OF_CHECK.get(check.name, ())
-        silenced = [c for c in codes if c in report.disabled]
-        if not check.passed and silenced and not any(f.code in codes for f in report.errors):
+        own_errors = [f for f in report.errors if f.check_name == check.name]
+        if own_errors:
+            check.passed = False
+            continue
+        silenced = [c for c in CODES_OF_CHECK.get(check.name, ()) if c in report.disabled]
+        if not check.passed and silenced:
             check.passed = True
             check.detail += f" (disabled: {', '.join(silenced)})"
 
@@ -205,7 +265,8 @@ STALE_MEAN_SHIFT = 0.5  # standard deviations of the data
 STALE_VAR_RATIO = 2.0
 
 
-def _stale(model: Any, data: Any, samples: int | None, report: Report) -> None:
+def _stale(model: Any, data: Any, samples: int | None, report: Report,
+           code_root: str | os.PathLike[str] | None = None) -> None:
     """BN013: running statistics far from the population statistics of ``data`` (see bnfold.recalibrate)."""
     from bnfold.data import load_data
     from bnfold.recalibrate import recalibrate
@@ -214,6 +275,10 @@ def _stale(model: Any, data: Any, samples: int | None, report: Report) -> None:
         if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
             report.notes.append("--data needs an eager model: the stale-statistics check did not run")
             return
+        if isinstance(data, str) and code_root is not None:
+            from bnfold.load import importable
+
+            importable(Path(code_root))  # data = "module:function" from a config resolves against its folder
         batches = load_data(data) if isinstance(data, str) else data
         result = recalibrate(model, batches, samples=samples)
         stale = sorted((d for d in result.layers if d.mean_shift > STALE_MEAN_SHIFT or d.var_ratio > STALE_VAR_RATIO),
@@ -249,30 +314,58 @@ def _fold(model: Any, specs: list[InputSpec], seed: int, atol, rtol, report: Rep
                                                                 f"{worst.max_rel:.3g} at {worst.worst_index}"))
 
 
+def _given(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
+    """The caller's own example tensors, compared as they are (None for specs)."""
+    if example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    return None
+
+
 def _onnx(model: Any, specs: list[InputSpec], seed: int, atol, rtol, exporter: str, onnx_path: Path | None,
-          report: Report, has_modes: bool, fixed_batch: bool, worker: OrtWorker | None) -> None:
+          report: Report, has_modes: bool, fixed_batch: bool, worker: OrtWorker | None,
+          given: tuple[torch.Tensor, ...] | None) -> None:
     start = time.perf_counter()
     with eval_mode(model) if has_modes else contextlib.nullcontext(model) as reference:
-        inputs = parity_inputs(specs, seed)
+        inputs = parity_inputs(specs, seed, given)
         runnable = reference if has_modes else reference.module()
         cases = reference_cases(runnable, inputs[-1:] if fixed_batch else inputs)
         result = check_onnx(reference, {c.label: (c.inputs, c.expected) for c in cases}, onnx_path=onnx_path,
                             exporter=exporter, atol=atol, rtol=rtol, worker=worker)
     for stage, seconds in result.timings.items():
         report.timings[stage if stage != "compare" else "onnx compare"] = seconds
-    report.findings += result.findings
+    findings = [_onnx_filed(f) for f in result.findings]
+    report.findings += findings
     report.parity += result.parity
+    seconds = time.perf_counter() - start
     if result.error:
-        report.checks.append(Check("onnx parity", False, result.error, time.perf_counter() - start))
+        report.checks.append(Check("onnx parity", False, result.error, seconds))
         return
-    errors = [f for f in result.findings if f.severity == "error"]
-    worst = max((o for c in result.parity for o in c.outputs), key=lambda o: o.max_rel, default=None)
-    detail = (f"{'exported with ' + exporter if onnx_path is None else str(onnx_path)}; "
-              + (f"max rel {worst.max_rel:.3g} vs PyTorch" if worst else "no comparison"))
-    report.checks.append(Check("onnx parity", not errors and bool(result.parity), detail, time.perf_counter() - start))
+    source = f"exported with {exporter}" if onnx_path is None else str(onnx_path)
+    _onnx_checks(report, findings, source, bool(result.parity), seconds)
 
 
-def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int) -> Report:
+def _onnx_filed(finding: Finding) -> Finding:
+    """onnxruntime's own nondeterminism is the "onnx determinism" check, not PyTorch's."""
+    return dataclasses.replace(finding, check="onnx determinism") if finding.code == "BN007" else finding
+
+
+def _onnx_checks(report: Report, findings: list[Finding], source: str, compared: bool, seconds: float) -> None:
+    """The three ONNX checks, each passing unless one of its own codes was filed as an error."""
+    def failed(check: str) -> bool:
+        return any(f.check_name == check and f.severity == "error" for f in findings)
+
+    worst = max((o for c in report.parity if c.label.startswith("onnxruntime") for o in c.outputs),
+                key=lambda o: o.max_rel, default=None)
+    lint_codes = sorted({f.code for f in findings if f.check_name == "onnx lint"})
+    report.checks.append(Check("onnx lint", not failed("onnx lint"), f"{source}; " + (
+        ", ".join(lint_codes) + " found" if lint_codes else "no training-mode or foldable BatchNormalization")))
+    report.checks.append(Check("onnx parity", compared and not failed("onnx parity"), (
+        f"max rel {worst.max_rel:.3g} vs PyTorch" if worst else "onnxruntime compared nothing"), seconds))
+    report.checks.append(Check("onnx determinism", not failed("onnx determinism"),
+                               "the same input twice in one onnxruntime session"))
+
+
+def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int, timeout: float) -> Report:
     """An .onnx file on its own: lint it and run it twice in one onnxruntime session."""
     import tempfile
 
@@ -282,26 +375,38 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
     from bnfold.onnx_check import lint, run_onnxruntime
 
     start = time.perf_counter()
+    if not path.is_file():
+        raise LoadError(f"{path}: no such file")
     try:
         graph = onnx_lib.load(str(path), load_external_data=False)
         onnx_lib.checker.check_model(str(path))
     except Exception as exc:
-        raise BnfoldError(f"{path}: not a valid ONNX model: {first_line(exc, 200)}") from None
-    report.findings += lint(graph, path.parent)
-    report.checks.append(Check("onnx lint", not any(f.severity == "error" for f in report.findings),
-                               f"{len(graph.graph.node)} nodes", time.perf_counter() - start))
+        raise LoadError(f"{path}: not a valid ONNX model: {first_line(exc, 200)}",
+                        "check that the file is complete (not truncated) and was written by an ONNX exporter") from None
+    findings = lint(graph, path.parent)
+    lint_codes = sorted({f.code for f in findings})
+    report.checks.append(Check("onnx lint", True, f"{len(graph.graph.node)} nodes; " + (
+        ", ".join(lint_codes) + " found" if lint_codes else "no training-mode or foldable BatchNormalization"),
+        time.perf_counter() - start))
     specs = _as_specs(example_inputs) or _onnx_specs(graph)
     with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
-        run = run_onnxruntime(path, {"determinism": make_inputs(specs, seed)}, Path(tmp))
+        run = run_onnxruntime(path, {"determinism": make_inputs(specs, seed)}, Path(tmp), worker=_worker(timeout))
     if run.error:
-        report.findings.append(Finding("BN010", "", run.error))
+        findings.append(Finding("BN010", "", run.error, advice=getattr(run, "advice", None)))
+        report.checks.append(Check("onnx parity", False, run.error))
     else:
         _, written, again = run.outputs["determinism"]
-        same = all(a.shape == b.shape and (a == b).all() for a, b in zip(written, again))
+        same = all(a.shape == b.shape and np.array_equal(a, b, equal_nan=True) for a, b in zip(written, again))
+        finite = all(np.isfinite(a).all() for a in written if np.issubdtype(a.dtype, np.floating))
         if not same:
-            report.findings.append(Finding("BN007", "onnx", "two runs of the same input in one session differ"))
+            findings.append(Finding("BN007", "onnx", "two runs of the same input in one session differ",
+                                    check="onnx determinism"))
         report.checks.append(Check("onnx determinism", same, "same input twice in one onnxruntime session"))
-    _apply_disable(report)
+        if not finite:
+            findings.append(Finding("BN014", "onnx", "onnxruntime's outputs hold NaN/Inf on finite inputs"))
+            report.checks.append(Check("finite outputs", False, "onnxruntime's outputs hold NaN/Inf"))
+    report.findings += findings
+    _finish(report)
     report.timings["total"] = time.perf_counter() - start
     return report
 

@@ -107,6 +107,8 @@ disable = ["BN004"]
 
 
 def test_repository_config_verifies_the_bundled_model(in_root):
-    result = run("--skip", "onnx")
+    refused = run("--skip", "onnx")  # the config names code (arch): it runs only when the command line trusts it
+    assert refused.exit_code == 2 and "--trust" in refused.output and "Traceback" not in refused.output
+    result = run("--skip", "onnx", "--trust")
     assert result.exit_code == 0, result.output
     assert "resnet_digits (bundled)" in result.output
