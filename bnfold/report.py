@@ -34,7 +34,7 @@ def parity_line(comparison: Comparison, diff: OutputDiff) -> str:
 
 
 def render_fuse(result: FuseResult, console: Console, *, source: str, output: str | None) -> None:
-    table = Table(title=f"BatchNorm folding: {source}", title_justify="left", expand=False)
+    table = Table(title=f"BatchNorm folding: {escape(source)}", title_justify="left", expand=False)
     table.add_column("BatchNorm", style="bold")
     table.add_column("status")
     table.add_column("into / reason", overflow="fold")

@@ -204,7 +204,11 @@ def test_bn007_functional_dropout():
 def test_bn008_fold_parity(monkeypatch):
     # A BN forced into training makes the folded (running-stats) model differ from the eval model.
     report = bnfold.verify(trained(TrainOverride()), X, checks=("fold",))
-    assert "BN008" in codes(report)
+    finding = next(f for f in report.findings if f.code == "BN008")
+    check = next(c for c in report.checks if c.name == "fold parity")
+    # a real parity failure with its figures, not "folding raised" (which would also file BN008)
+    assert "max abs" in finding.message and "raised" not in finding.message
+    assert not check.passed and "folding failed" not in check.detail and "1 folded" in check.detail
 
 
 def test_bn012_handed_over_in_training_mode():
@@ -213,9 +217,27 @@ def test_bn012_handed_over_in_training_mode():
 
 
 # -- ONNX codes ------------------------------------------------------------------------------------------
-def test_bn009_and_bn010_training_bn_in_onnx():
+def test_bn009_training_bn_in_onnx_matches_its_forced_training_model():
+    # The model forces its BN into training, so PyTorch's "eval" output uses batch statistics too: onnxruntime
+    # agrees with it (no BN010), and the lint files BN009 under the onnx lint check.
     report = bnfold.verify(trained(TrainOverride()), X, checks=("onnx",))
-    assert "BN009" in codes(report)
+    assert "BN009" in codes(report) and "BN010" not in codes(report)
+    lint = next(c for c in report.checks if c.name == "onnx lint")
+    assert not lint.passed and not report.ok
+
+
+def test_bn009_and_bn010_onnx_exported_in_training_mode(tmp_path):
+    # A clean model exported in training mode: the graph normalises with batch statistics (BN009), so
+    # onnxruntime's output differs from the eval model's (BN010).
+    path = tmp_path / "train_mode.onnx"
+    model = trained(Net())
+    torch.onnx.export(model, X, str(path), dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
+                      do_constant_folding=False, input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    model.eval()
+    report = bnfold.verify(model, X, onnx=path, checks=("onnx",))
+    assert {"BN009", "BN010"} <= codes(report)
+    failed = {c.name for c in report.checks if not c.passed}
+    assert {"onnx lint", "onnx parity"} <= failed
 
 
 def test_bn010_given_onnx_file_that_does_not_match(tmp_path):
