@@ -73,7 +73,7 @@ def fuse_document(result: FuseResult, **context: Any) -> dict[str, Any]:
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
     text = json.dumps(_finite(document), indent=2, default=str, allow_nan=False)
-    write_atomic(path, lambda p: Path(p).write_text(text + "\n"))
+    write_atomic(path, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))
 
 
 def _finite(value: Any) -> Any:
