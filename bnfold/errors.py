@@ -51,3 +51,7 @@ class ModelRunError(BnfoldError):
 
 class OutputError(BnfoldError):
     """The output path cannot be written."""
+
+
+class DataError(BnfoldError):
+    """The calibration data cannot be read, or cannot be used as it is."""

@@ -21,10 +21,14 @@ Caveats for the caller:
    all-reduced, so every process ends with the statistics of the union, equal to a single-process run.
 3. BNs without running statistics (``track_running_stats=False``) or not reached by the data are reported,
    not changed.
+4. The data must be finite and non-empty, and the new statistics finite: anything else raises (naming the
+   sample or the BN) rather than writing NaN statistics. A one-shot iterator (a generator) cannot be passed
+   over once per BN: with ``samples`` its first ``samples`` inputs are read into memory, without it is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +40,7 @@ from torch import nn
 
 from bnfold.audit import all_modules
 from bnfold.compare import compare
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, DataError, ModelRunError
 from bnfold.fuse import eval_mode, run_model
 
 Method = Literal["layerwise", "global"]
@@ -115,25 +119,106 @@ def _distributed() -> bool:
 
 def _as_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
     """A batch is a tensor, or a tuple/list whose first element(s) are the inputs (labels are ignored)."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
     if isinstance(batch, dict):
-        return tuple(v for v in batch.values() if isinstance(v, torch.Tensor))[:1]
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],)
-    raise BnfoldError(f"a calibration batch must be a tensor or a tuple (inputs, ...), got {type(batch).__name__}")
+        inputs = tuple(v for v in batch.values() if isinstance(v, torch.Tensor))[:1]
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        inputs = (batch[0],)
+    else:
+        inputs = (batch,) if isinstance(batch, torch.Tensor) else ()
+    if not inputs:
+        raise DataError(f"a calibration batch must be a tensor or a tuple (inputs, ...), got {_describe(batch)}",
+                        "yield tensors or (inputs, labels) tuples; convert arrays with torch.from_numpy")
+    if inputs[0].ndim == 0:
+        raise DataError("a calibration batch is a 0-d tensor: batches need a batch dimension",
+                        "yield batches shaped (N, ...) as the model takes them, e.g. x.split(64)")
+    return inputs
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, (tuple, list, dict)):
+        kinds = ", ".join(type(v).__name__ for v in (batch.values() if isinstance(batch, dict) else batch))
+        return f"a {type(batch).__name__} of ({kinds})"
+    return type(batch).__name__
 
 
 def _limited(batches: Iterable[Any], samples: int | None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The inputs of each batch, ``samples`` of them in all; empty batches are skipped, non-finite ones refused.
+
+    Stops as soon as ``samples`` inputs were yielded, so an endless generator is not read one batch too far.
+    """
     seen = 0
     for batch in batches:
         inputs = _as_inputs(batch)
         if samples is not None:
-            if seen >= samples:
-                return
             inputs = tuple(t[: samples - seen] for t in inputs)
+        if inputs[0].shape[0] == 0:
+            continue
+        _refuse_non_finite(inputs, seen)
         seen += inputs[0].shape[0]
         yield inputs
+        if samples is not None and seen >= samples:
+            return
+
+
+def _refuse_non_finite(inputs: tuple[torch.Tensor, ...], first_index: int) -> None:
+    """One NaN/inf input would make every statistic NaN: name the first bad sample (counted over the data)."""
+    for t in inputs:
+        if not t.is_floating_point():
+            continue
+        finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+        if bool(finite.all()):
+            continue
+        row = int((~finite).nonzero()[0])
+        values = "NaN" if bool(torch.isnan(t[row]).any()) else "inf"
+        raise DataError(f"calibration sample {first_index + row} has {values} values",
+                        "drop or repair non-finite inputs before calibrating (np.isfinite finds them)")
+
+
+def _passes(batches: Any, samples: int | None) -> Callable[[], Iterable[Any]]:
+    """A callable returning a fresh iterable of the batches: the layer-by-layer method passes once per BN."""
+    if isinstance(batches, torch.Tensor):
+        raise DataError(f"batches is one tensor of shape {tuple(batches.shape)}, not an iterable of batches",
+                        "split it into batches: x.split(64), or pass [x]")
+    if callable(batches):
+        return _fresh_calls(batches)
+    if not isinstance(batches, Iterable):
+        raise DataError(f"batches must be an iterable of batches or a callable returning one, "
+                        f"got {type(batches).__name__}", "pass a list of tensors or a DataLoader")
+    if not _one_shot(batches):
+        return lambda: batches
+    if samples is None:
+        raise DataError(f"the calibration batches are a one-shot {type(batches).__name__}: recalibration passes "
+                        "over them once per BatchNorm", "pass a list, a DataLoader, or a callable returning a fresh "
+                        "iterable (lambda: make_batches()); or samples=N to read the first N inputs into memory")
+    kept = list(_limited(batches, samples))  # read once; every pass then iterates the list
+    return lambda: kept
+
+
+def _fresh_calls(make: Callable[[], Any]) -> Callable[[], Iterable[Any]]:
+    """Call ``make`` per pass; refuse what is not iterable, or the same (already consumed) iterator again."""
+    previous: list[Any] = []  # the last iterable returned, kept alive so that an identity check is sound
+
+    def fresh() -> Iterable[Any]:
+        batches = make()
+        if not isinstance(batches, Iterable):
+            raise DataError(f"the batches callable returned a {type(batches).__name__}, not an iterable of batches",
+                            "return a list of tensors, a DataLoader, or a generator of batches")
+        if previous and batches is previous[0] and _one_shot(batches):
+            raise DataError("the batches callable returned the same iterator twice: recalibration passes over the "
+                            "data once per BatchNorm", "create the iterator inside the callable "
+                            "(lambda: make_batches()), or pass a list")
+        previous[:] = [batches]
+        return batches
+
+    return fresh
+
+
+def _one_shot(batches: Iterable[Any]) -> bool:
+    """An iterator that is its own iterator (a generator, map, iter(list)) is consumed by the first pass.
+
+    Only iterators are asked: ``iter()`` on a DataLoader would start its workers.
+    """
+    return isinstance(batches, Iterator) and iter(batches) is batches
 
 
 def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -163,35 +248,58 @@ def recalibrate(
     """Return a copy of ``model`` whose BN running statistics are the population statistics of ``batches``.
 
     ``batches`` yields tensors or ``(inputs, labels)`` tuples. The layer-by-layer method iterates it once per
-    BN, so pass a re-iterable (a list, a DataLoader) or a callable returning a fresh iterable. ``samples``
-    caps the inputs used (per process under ``torchrun``).
+    BN, so pass a re-iterable (a list, a DataLoader) or a callable returning a fresh iterable; a one-shot
+    iterator (a generator) needs ``samples``, and its first ``samples`` inputs are then kept in memory.
+    ``samples`` caps the inputs used (per process under ``torchrun``). Raises :class:`~bnfold.data.DataError`
+    for empty or non-finite data (naming the first bad sample), and :class:`~bnfold.errors.BnfoldError` when
+    a BN's new statistics would not be finite.
     """
-    fresh = batches if callable(batches) else (lambda: batches)
-    model = copy.deepcopy(model)
+    _check_options(samples, method)
+    fresh = _passes(batches, samples)
     first = next(_limited(fresh(), samples), None)
     if first is None:
-        raise BnfoldError("the calibration data is empty")
+        raise DataError("the calibration data is empty: no batch holds any input",
+                        "pass at least one batch of inputs (--data with at least one sample)")
+    model = copy.deepcopy(model)
     original = copy.deepcopy(model).eval()
     modules = bn_modules(model)
     skipped = [(n, "no running statistics (track_running_stats=False)") for n, m in modules
                if not m.track_running_stats or m.running_mean is None]
     usable = [(n, m) for n, m in modules if m.track_running_stats and m.running_mean is not None]
-    with eval_mode(model):
-        order = _forward_order(model, usable, first)
-    by_name = dict(usable)
-    skipped += [(n, "not reached by the forward pass on the calibration data") for n, _ in usable if n not in order]
-    old = {n: (by_name[n].running_mean.detach().clone(), by_name[n].running_var.detach().clone()) for n in order}
-    if method == "layerwise":
-        moments, total = _layerwise(model, [(n, by_name[n]) for n in order], fresh, samples)
-    elif method == "global":
-        moments, total = _global(model, [(n, by_name[n]) for n in order], fresh, samples)
-    else:
-        raise BnfoldError(f"unknown recalibration method {method!r}", "use layerwise or global")
-    layers = [_drift(name, by_name[name], old[name], moments[name]) for name in order]
-    with eval_mode(model), eval_mode(original):
-        change = compare("recalibration", run_model(original, first), run_model(model, first))
+    with _blame_data_shape(first):
+        with eval_mode(model):
+            order = _forward_order(model, usable, first)
+        by_name = dict(usable)
+        skipped += [(n, "not reached by the forward pass on the calibration data") for n, _ in usable
+                    if n not in order]
+        old = {n: (by_name[n].running_mean.detach().clone(), by_name[n].running_var.detach().clone()) for n in order}
+        bns = [(n, by_name[n]) for n in order]
+        moments, total = _METHODS[method](model, bns, fresh, samples)
+        layers = [_drift(name, by_name[name], old[name], moments[name]) for name in order]
+        with eval_mode(model), eval_mode(original):
+            change = compare("recalibration", run_model(original, first), run_model(model, first))
     worst = max((o.max_rel for o in change.outputs), default=0.0)
     return RecalibrationResult(model.eval(), layers, skipped, total, worst, method)
+
+
+def _check_options(samples: int | None, method: str) -> None:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
+        raise BnfoldError(f"--samples must be a positive integer, got {samples!r}",
+                          "leave it out (samples=None) to use all the data, or e.g. --samples 4096")
+    if method not in _METHODS:
+        raise BnfoldError(f"unknown recalibration method {method!r}", f"use one of {', '.join(_METHODS)}")
+
+
+@contextlib.contextmanager
+def _blame_data_shape(first: tuple[torch.Tensor, ...]) -> Iterator[None]:
+    """run_model's hint names --input-shape, which recalibrate does not take: point at the data's shape instead."""
+    try:
+        yield
+    except ModelRunError as exc:
+        shapes = ", ".join(f"{tuple(t.shape)} ({_dtype_name(t.dtype)})" for t in first)
+        raise ModelRunError(exc.message, f"the calibration inputs have shape {shapes}; check that --data holds "
+                                         "inputs of the shape and dtype the model takes, batch first "
+                                         "(e.g. N, C, H, W)") from exc
 
 
 def _accumulate(model: nn.Module, targets: list[tuple[str, nn.Module]], fresh, samples) -> tuple[dict[str, _Moments], int]:
@@ -215,14 +323,35 @@ def _accumulate(model: nn.Module, targets: list[tuple[str, nn.Module]], fresh, s
         count = torch.tensor([total], dtype=torch.float64)
         dist.all_reduce(count)
         total = int(count.item())
+    if total == 0:  # the first batch was read, so the data is re-read badly: an exhausted iterator
+        raise DataError("a pass over the calibration data yielded no inputs, although the first batch was read",
+                        "pass a list, a DataLoader, or a callable that returns a fresh iterable on each call")
     return moments, total
 
 
-def _set(module: nn.Module, moments: _Moments) -> None:
+def _set(name: str, module: nn.Module, moments: _Moments) -> None:
+    """Store the new statistics in the buffers' dtype; non-finite ones would poison every later layer."""
     mean, var = moments.mean_var()
+    new_mean, new_var = mean.to(module.running_mean.dtype), var.to(module.running_var.dtype)
+    if not (bool(torch.isfinite(new_mean).all()) and bool(torch.isfinite(new_var).all())):
+        raise _non_finite(name, mean, var, new_var.dtype)
     with torch.no_grad():
-        module.running_mean.copy_(mean.to(module.running_mean.dtype))
-        module.running_var.copy_(var.to(module.running_var.dtype))
+        module.running_mean.copy_(new_mean)
+        module.running_var.copy_(new_var)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _non_finite(name: str, mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) -> BnfoldError:
+    if bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all()):
+        reason = f"its input's variance, up to {var.max().item():.3g}, overflows {_dtype_name(dtype)}"
+    else:  # the data was checked to be finite, so the model produced NaN/inf before this BN
+        reason = "its input has NaN/inf values on the (finite) calibration data"
+    return BnfoldError(f"BatchNorm {name!r}: the recalibrated statistics are not finite: {reason}",
+                       "check the layers before it for NaN/inf weights or overflow, and that the data is scaled "
+                       "as the model expects")
 
 
 def _layerwise(model: nn.Module, bns: list[tuple[str, nn.Module]], fresh, samples) -> tuple[dict[str, _Moments], int]:
@@ -231,7 +360,7 @@ def _layerwise(model: nn.Module, bns: list[tuple[str, nn.Module]], fresh, sample
     with eval_mode(model):
         for name, module in bns:
             moments, total = _accumulate(model, [(name, module)], fresh, samples)
-            _set(module, moments[name])
+            _set(name, module, moments[name])
             result.update(moments)
     return result, total
 
@@ -248,8 +377,11 @@ def _global(model: nn.Module, bns: list[tuple[str, nn.Module]], fresh, samples) 
             for m, momentum in saved:
                 m.momentum = momentum
     for name, module in bns:
-        _set(module, moments[name])
+        _set(name, module, moments[name])
     return moments, total
+
+
+_METHODS: dict[str, Callable[..., tuple[dict[str, _Moments], int]]] = {"layerwise": _layerwise, "global": _global}
 
 
 def _drift(name: str, module: nn.Module, old: tuple[torch.Tensor, torch.Tensor], moments: _Moments) -> LayerDrift:
