@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import sys
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bnfold import __version__
+from bnfold.compare import check_tolerance
 from bnfold.errors import BnfoldError, InputSpecError, OutputError, first_line
 from bnfold.findings import code_range
 from bnfold.fuse import FuseResult, fuse
@@ -142,10 +142,8 @@ def check_paths(inputs: dict[str, Path | None], outputs: dict[str, Path | None])
 
 
 def _tolerances(atol: float | None, rtol: float | None) -> None:
-    for name, value in (("--atol", atol), ("--rtol", rtol)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise InputSpecError(f"{name} must be a finite number >= 0, got {value}",
-                                 "e.g. --atol 1e-5 --rtol 1e-4 (rtol is relative to each output's max magnitude)")
+    check_tolerance("--atol", atol)
+    check_tolerance("--rtol", rtol)
 
 
 # -- options shared by the commands (declared once) ---------------------------------------------------------

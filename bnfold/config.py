@@ -26,24 +26,23 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bnfold.compare import check_tolerance
 from bnfold.errors import BnfoldError, InputSpecError
-from bnfold.findings import CODES
+from bnfold.findings import CHECK_GROUPS, CODES
 from bnfold.inputs import InputSpec, parse_input_spec
+from bnfold.onnx_check import EXPORTERS, check_timeout
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-CHECK_GROUPS = ("audit", "fold", "onnx")
-EXPORTERS = ("torchscript", "dynamo")
 TRUST_NOTE = ("a config cannot grant trust, since a pull request can edit it: if you trust this checkout, pass --trust "
               "on the command line (README: Security)")
 
@@ -85,16 +84,18 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise TypeError("a finite number >= 0")
-    return float(value)
+def _tolerance(value: Any) -> float:
+    try:
+        return check_tolerance("value", value)
+    except InputSpecError:
+        raise TypeError("a finite number >= 0") from None
 
 
-def _positive(value: Any) -> float:
-    if _number(value) <= 0:
-        raise TypeError("a number > 0")
-    return float(value)
+def _timeout(value: Any) -> float:
+    try:
+        return check_timeout(value)
+    except BnfoldError:
+        raise TypeError("a number > 0") from None
 
 
 def _integer(value: Any) -> int:
@@ -139,8 +140,8 @@ def _subset(choices: tuple[str, ...]) -> Callable[[Any], tuple[str, ...]]:
 _KEYS: dict[str, Callable[[Any], Any]] = {
     "path": _string, "name": _string, "arch": _string, "arch-kwargs": _table_or_json,
     "input-shapes": _strings, "onnx": _string, "exporter": _choice(EXPORTERS), "checks": _subset(CHECK_GROUPS),
-    "disable": _subset(tuple(CODES)), "atol": _number, "rtol": _number, "seed": _integer, "data": _string,
-    "timeout": _positive,
+    "disable": _subset(tuple(CODES)), "atol": _tolerance, "rtol": _tolerance, "seed": _integer, "data": _string,
+    "timeout": _timeout,
 }
 _REFUSED = {"trust", "trust-pickle"}
 

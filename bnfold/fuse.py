@@ -259,7 +259,7 @@ def _revert_failing(reference: nn.Module, folds: list[Fold], cases: list[_Case],
             kept.append(fold)
         else:
             worst = min(results, key=bool).worst()
-            figure = f" (max rel error {worst.max_rel:.2e} in {worst.name})" if worst else ""
+            figure = f" ({worst.figure()})" if worst else ""
             reverted.append(Skip(fold.bn.name, f"reverted: folding into {fold.layer.name} changed the outputs{figure}; "
                                                "the layer's output is probably also used on another code path"))
     model, applied, _ = _apply(reference, kept, host_type)

@@ -1,27 +1,56 @@
 """Run ONNX models in onnxruntime, in a child process (``python bnfold/ort_worker.py --serve``).
 
-onnxruntime can crash (segfault) on malformed training-mode graphs; in a child process a crash becomes a
-finding instead of a dead CI job. Each input set runs once in a session with all graph optimisations (as
-deployed: that output is compared with PyTorch), then twice in *one* session with optimisations off: the
-optimiser rewrites or removes training-mode Dropout/BN depending on the level, and a seeded Dropout repeats
-its mask across fresh sessions, so only two runs of the graph as written, in one session, show randomness.
+onnxruntime can crash (segfault) on malformed training-mode graphs, and a graph can loop for hours; in a
+child process a crash becomes a finding and a hang is stopped by the parent's timeout, instead of a dead CI
+job. Each input set runs once in a session with all graph optimisations (as deployed: that output is
+compared with PyTorch), then twice in *one* session with optimisations off: the optimiser rewrites or removes
+training-mode Dropout/BN depending on the level, and a seeded Dropout repeats its mask across fresh sessions,
+so only two runs of the graph as written, in one session, show randomness.
 
 It imports only numpy and onnxruntime (run as a file, not ``-m bnfold...``, which would import torch), and
-starts early (``--serve``) so that importing onnxruntime overlaps with the audit and the export,
-then reads one JSON request a line on stdin, ``{"model": ..., "inputs": ..., "outputs": ...}``, and answers
-``ok`` or ``error <message>`` on stdout. INPUTS.npz holds arrays named ``<case>/<input name>``; OUTPUTS.npz
-gets ``<case>/<output index>/<run>`` (run 0: optimised; runs 1 and 2: as written, one session).
+starts early (``--serve``) so that importing onnxruntime overlaps with the audit and the export. Protocol,
+one line each way: it prints ``ready`` once imported, then reads one JSON request a line on stdin,
+``{"model": ..., "inputs": ..., "outputs": ...}``, and answers on stdout with one of
+
+- ``ok``: OUTPUTS.npz is written;
+- ``error load <Type>: <reason>``: onnxruntime could not create a session (unsupported op, opset, invalid graph);
+- ``error run <Type>: <reason>``: the sessions exist but running the inputs (or reading/writing files) failed.
+
+``<reason>`` is the whole first line of onnxruntime's message, never cut. A timeout or a crash has no answer:
+the parent tells them apart (it stops the process itself on a timeout; a crash closes the pipe).
+INPUTS.npz holds arrays named ``<case>/<input name>``; OUTPUTS.npz gets ``<case>/<output index>/<run>``
+(run 0: optimised; runs 1 and 2: as written, one session).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from typing import Any, TextIO
 
 import numpy as np
 
+#: The stages an ``error`` answer names (the parent maps each to its own hint).
+LOAD, RUN = "load", "run"
 
-def run(model_path: str, inputs_path: str, outputs_path: str) -> None:
+
+class StageError(Exception):
+    """An exception raised in one stage of a request; ``stage`` is LOAD or RUN."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(stage, cause)
+        self.stage, self.cause = stage, cause
+
+    def answer(self) -> str:
+        """The protocol line: the stage, the exception type and the whole first line of its message."""
+        lines = str(self.cause).strip().splitlines()
+        reason = lines[0] if lines else "(no message)"
+        return f"error {self.stage} {type(self.cause).__name__}: {reason}"
+
+
+def load_sessions(model_path: str) -> tuple[Any, Any]:
+    """Two sessions: all optimisations (as deployed) and none (the graph as written)."""
     import onnxruntime as ort
 
     sessions = []
@@ -31,6 +60,10 @@ def run(model_path: str, inputs_path: str, outputs_path: str) -> None:
         options.graph_optimization_level = level
         sessions.append(ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"]))
     optimised, as_written = sessions
+    return optimised, as_written
+
+
+def run_cases(optimised: Any, as_written: Any, inputs_path: str, outputs_path: str) -> None:
     arrays = np.load(inputs_path)
     cases: dict[str, dict[str, np.ndarray]] = {}
     for key in arrays.files:
@@ -44,18 +77,40 @@ def run(model_path: str, inputs_path: str, outputs_path: str) -> None:
     np.savez(outputs_path, **results)
 
 
+def run(model_path: str, inputs_path: str, outputs_path: str) -> None:
+    """One request; raises StageError saying whether loading or running failed."""
+    try:
+        optimised, as_written = load_sessions(model_path)
+    except Exception as exc:
+        raise StageError(LOAD, exc) from exc
+    try:
+        run_cases(optimised, as_written, inputs_path, outputs_path)
+    except Exception as exc:
+        raise StageError(RUN, exc) from exc
+
+
+def _protocol_channel() -> TextIO:
+    """Keep stdout for answers only: file descriptor 1 is pointed at stderr, so anything onnxruntime or a
+    custom op prints from C++ lands in the parent's stderr log instead of being read as an answer."""
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    return channel
+
+
 def serve() -> int:
+    channel = _protocol_channel()
     import onnxruntime  # noqa: F401 - the slow import happens now, while the parent works
 
-    print("ready", flush=True)
+    print("ready", file=channel, flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         try:
             run(request["model"], request["inputs"], request["outputs"])
-            print("ok", flush=True)
-        except Exception as exc:  # report onnxruntime's own errors as data: the parent decides
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            print(f"error {type(exc).__name__}: {text[:300]}", flush=True)
+            answer = "ok"
+        except StageError as exc:  # report onnxruntime's own errors as data: the parent decides
+            answer = exc.answer()
+        print(answer, file=channel, flush=True)
     return 0
 
 

@@ -278,7 +278,7 @@ def recalibrate(
         layers = [_drift(name, by_name[name], old[name], moments[name]) for name in order]
         with eval_mode(model), eval_mode(original):
             change = compare("recalibration", run_model(original, first), run_model(model, first))
-    worst = max((o.max_rel for o in change.outputs), default=0.0)
+    worst = max((math.inf if o.problem else o.max_rel for o in change.outputs), default=0.0)  # NaN: inf
     return RecalibrationResult(model.eval(), layers, skipped, total, worst, method)
 
 

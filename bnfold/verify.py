@@ -27,12 +27,7 @@ from bnfold.findings import CHECK_GROUPS, CODES, CODES_OF_CHECK, Finding
 from bnfold.fuse import eval_mode, fuse, parity_inputs, reference_cases
 from bnfold.inputs import SHAPE_HINT, InputSpec, specs_from_tensors
 from bnfold.load import Loaded, has_static_batch, load
-from bnfold.onnx_check import OrtWorker, check_onnx
-
-try:  # TEMPORARY while the onnx_check timeout lands
-    from bnfold.onnx_check import DEFAULT_ORT_TIMEOUT_S
-except ImportError:  # pragma: no cover
-    DEFAULT_ORT_TIMEOUT_S = 300.0
+from bnfold.onnx_check import DEFAULT_ORT_TIMEOUT_S, OrtWorker, check_onnx, check_timeout
 
 CHECKS = CHECK_GROUPS
 
@@ -120,7 +115,7 @@ def verify(
     (the current folder when None).
     """
     trust = trust or trust_pickle
-    timeout = DEFAULT_ORT_TIMEOUT_S if timeout is None else timeout
+    timeout = check_timeout(DEFAULT_ORT_TIMEOUT_S if timeout is None else timeout)
     unknown = [c for c in disable if c not in CODES]
     if unknown:
         raise InputSpecError(f"unknown finding code(s) to disable: {', '.join(unknown)}",
@@ -150,7 +145,7 @@ def verify(
                                    if handed_in_training else "handed over in eval mode" if has_modes
                                    else "a torch.export program: its mode is part of its graph"))
     # Start onnxruntime's process first: its slow import overlaps with the audit, the fold and the export.
-    with _worker(timeout) if "onnx" in checks else contextlib.nullcontext() as worker:
+    with OrtWorker(timeout=timeout) if "onnx" in checks else contextlib.nullcontext() as worker:
         if "audit" in checks:
             _audit(subject, specs, seed, report, has_modes, fixed_batch)
             if data is not None:
@@ -165,13 +160,6 @@ def verify(
     _finish(report)
     report.timings["total"] = time.perf_counter() - start
     return report
-
-
-def _worker(timeout: float) -> OrtWorker:
-    try:
-        return OrtWorker(timeout=timeout)
-    except TypeError:  # TEMPORARY
-        return OrtWorker()
 
 
 def _is_onnx(path: Path) -> bool:
@@ -305,13 +293,12 @@ def _fold(model: Any, specs: list[InputSpec], seed: int, atol, rtol, report: Rep
             report.findings.append(Finding("BN008", "", f"folding raised {type(exc).__name__}"))
             return
         report.parity += result.parity
-        worst = max((o for c in result.parity for o in c.outputs), key=lambda o: o.max_rel, default=None)
-        figure = f"max rel {worst.max_rel:.3g}" if worst else "no outputs"
+        worst = _worst(result.parity)
+        figure = worst.figure() if worst else "no outputs"
         report.checks.append(Check("fold parity", result.ok, f"{len(result.folded)} folded, {len(result.skipped)} "
                                    f"skipped; {figure}", time.perf_counter() - stage.start))
         if not result.ok and worst is not None:
-            report.findings.append(Finding("BN008", worst.name, f"max abs {worst.max_abs:.3g}, max rel "
-                                                                f"{worst.max_rel:.3g} at {worst.worst_index}"))
+            report.findings.append(Finding("BN008", worst.name, worst.figure()))
 
 
 def _given(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
@@ -344,6 +331,12 @@ def _onnx(model: Any, specs: list[InputSpec], seed: int, atol, rtol, exporter: s
     _onnx_checks(report, findings, source, bool(result.parity), seconds)
 
 
+def _worst(comparisons: list[Comparison]) -> Any:
+    """The output furthest from passing over several comparisons (NaN and shape mismatches first)."""
+    worst = [w for w in (c.worst() for c in comparisons) if w is not None]
+    return max(worst, key=lambda o: (not o.passed, o.required_rtol, o.max_rel), default=None)
+
+
 def _onnx_filed(finding: Finding) -> Finding:
     """onnxruntime's own nondeterminism is the "onnx determinism" check, not PyTorch's."""
     return dataclasses.replace(finding, check="onnx determinism") if finding.code == "BN007" else finding
@@ -354,13 +347,12 @@ def _onnx_checks(report: Report, findings: list[Finding], source: str, compared:
     def failed(check: str) -> bool:
         return any(f.check_name == check and f.severity == "error" for f in findings)
 
-    worst = max((o for c in report.parity if c.label.startswith("onnxruntime") for o in c.outputs),
-                key=lambda o: o.max_rel, default=None)
+    worst = _worst([c for c in report.parity if c.label.startswith("onnxruntime")])
     lint_codes = sorted({f.code for f in findings if f.check_name == "onnx lint"})
     report.checks.append(Check("onnx lint", not failed("onnx lint"), f"{source}; " + (
         ", ".join(lint_codes) + " found" if lint_codes else "no training-mode or foldable BatchNormalization")))
     report.checks.append(Check("onnx parity", compared and not failed("onnx parity"), (
-        f"max rel {worst.max_rel:.3g} vs PyTorch" if worst else "onnxruntime compared nothing"), seconds))
+        f"{worst.figure()} vs PyTorch" if worst else "onnxruntime compared nothing"), seconds))
     report.checks.append(Check("onnx determinism", not failed("onnx determinism"),
                                "the same input twice in one onnxruntime session"))
 
@@ -390,9 +382,9 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
         time.perf_counter() - start))
     specs = _as_specs(example_inputs) or _onnx_specs(graph)
     with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
-        run = run_onnxruntime(path, {"determinism": make_inputs(specs, seed)}, Path(tmp), worker=_worker(timeout))
-    if run.error:
-        findings.append(Finding("BN010", "", run.error, advice=getattr(run, "advice", None)))
+        run = run_onnxruntime(path, {"determinism": make_inputs(specs, seed)}, Path(tmp), timeout=timeout)
+    if run.failure:
+        findings.append(run.failure.finding())
         report.checks.append(Check("onnx parity", False, run.error))
     else:
         _, written, again = run.outputs["determinism"]
