@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 from bnfold.compare import flatten_outputs
 from bnfold.errors import first_line
 from bnfold.findings import Finding
-from bnfold.fuse import run_model
+from bnfold.runtime import run_model
 from bnfold.inputs import InputSpec, make_inputs, seeded
 from bnfold.layers import BNRef, bn_ref, get_tensor, is_bn_module
 

@@ -41,7 +41,7 @@ from torch import nn
 from bnfold.audit import all_modules
 from bnfold.compare import compare
 from bnfold.errors import BnfoldError, DataError, ModelRunError
-from bnfold.fuse import eval_mode, run_model
+from bnfold.runtime import eval_mode, run_model
 
 Method = Literal["layerwise", "global"]
 

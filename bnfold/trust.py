@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import io
 import json
-import re
+import tokenize
 import zipfile
 from collections.abc import Iterable
 from pathlib import PurePosixPath
@@ -51,7 +51,16 @@ MAX_TOTAL_BYTES = 64 << 30
 
 
 def check_zip_sizes(path: str, archive: zipfile.ZipFile) -> None:
-    """Refuse a zip whose members declare a total or a compression ratio beyond the documented limits."""
+    """Refuse a zip whose members declare a total or a compression ratio beyond the documented limits, or whose
+    member names are ambiguous (duplicates: Python and torch may read different copies) or escape the archive."""
+    names = [info.filename for info in archive.infolist()]
+    duplicates = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+    if duplicates:
+        raise LoadError(f"{path}: member {duplicates[0]!r} appears more than once: readers disagree on which copy "
+                        "counts", "re-save the model with torch.save / torch.export.save")
+    escaping = next((n for n in names if n.startswith(("/", "\\")) or ".." in PurePosixPath(n).parts), None)
+    if escaping is not None:
+        raise LoadError(f"{path}: member {escaping!r} points outside the archive", "re-save the model")
     total = 0
     for info in archive.infolist():
         total += info.file_size
@@ -71,13 +80,16 @@ _PICKLED_CONSTANT_PREFIXES = ("custom_obj", "opaque_obj")
 
 
 def check_pt2_archive(path: str, archive: zipfile.ZipFile) -> None:
-    """Raise :class:`UnsafeModelError` when ``torch.export.load`` would unpickle anything from the archive."""
+    """Raise :class:`UnsafeModelError` when ``torch.export.load`` would unpickle anything from the archive or
+    hand it to AOTInductor (which compiles and loads native code, running a command read from the archive)."""
     reasons: list[str] = []
     for name in archive.namelist():
         member = PurePosixPath(name)
-        if member.suffix == ".json" and member.parent.name in ("weights", "constants"):
+        if "aotinductor" in member.parts:
+            reasons.append(f"{name} is AOTInductor code (torch.export.load would compile and load it)")
+        elif member.suffix == ".json" and member.parent.name in ("weights", "constants"):
             reasons += _config_reasons(name, archive.read(name))
-        elif member.suffix == ".pt" and not _loads_weights_only(archive.read(name)):
+        elif member.suffix == ".pt" and not _loads_weights_only(path, name, archive.read(name)):
             reasons.append(f"{name} is a pickle that the safe loader refuses (torch.export.load would unpickle it)")
     if reasons:
         raise UnsafeModelError(f"{path}: refusing to load it: {reasons[0]}"
@@ -102,9 +114,15 @@ def _config_reasons(name: str, raw: bytes) -> list[str]:
     return reasons
 
 
-def _loads_weights_only(blob: bytes) -> bool:
+def _loads_weights_only(path: str, name: str, blob: bytes) -> bool:
     if not blob:
         return True  # torch reads an empty blob as {}
+    if blob.startswith(b"PK\x03\x04"):  # a torch.save zip inside the archive: its sizes are checked first too
+        try:
+            with zipfile.ZipFile(io.BytesIO(blob)) as inner:
+                check_zip_sizes(f"{path} (member {name})", inner)
+        except zipfile.BadZipFile:
+            return False
     try:
         torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         return True
@@ -141,20 +159,39 @@ def check_operators(path: str, kinds: Iterable[str], what: str) -> None:
                                + " (file, process or non-core operators)", TRUST_HINT)
 
 
-_SOURCE_CALL = re.compile(r"\b(?:torch\.from_file|torch\.save|ops\.aten\.(?:from_file|save))\b|\bops\.(?!(?:"
-                          + "|".join(sorted(CORE_NAMESPACES)) + r")\.)\w+\.")
+_FILE_NAMES = frozenset({"from_file", "save"})
 
 
 def check_torchscript_source(path: str, archive: zipfile.ZipFile) -> None:
-    """Scan the archive's serialized code before ``torch.jit.load`` compiles it and runs its ``__setstate__``."""
+    """Scan the archive's serialized code before ``torch.jit.load`` compiles it and runs its ``__setstate__``.
+
+    The code is tokenized (so spacing, parentheses and line continuations cannot hide a call): any name
+    ``from_file`` or ``save``, and any ``ops.<namespace>`` outside the core namespaces, is refused.
+    """
     for name in archive.namelist():
         if "/code/" not in name or not name.endswith(".py"):
             continue
-        text = archive.read(name).decode("utf-8", "replace")
-        match = _SOURCE_CALL.search(text)
-        if match:
-            raise UnsafeModelError(f"{path}: refusing to load it: {name} calls {match.group(0).rstrip('.')} "
-                                   "(file, process or non-core operators)", TRUST_HINT)
+        found = _unsafe_source_name(archive.read(name).decode("utf-8", "replace"))
+        if found:
+            raise UnsafeModelError(f"{path}: refusing to load it: {name} calls {found} (file, process or non-core "
+                                   "operators)", TRUST_HINT)
+
+
+def _unsafe_source_name(text: str) -> str | None:
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                  if t.type in (tokenize.NAME, tokenize.OP)]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return "code that does not tokenize"
+    for i, token in enumerate(tokens):
+        if token.type != tokenize.NAME:
+            continue
+        if token.string in _FILE_NAMES:
+            return token.string
+        if (token.string == "ops" and i + 2 < len(tokens) and tokens[i + 1].string == "."
+                and tokens[i + 2].string not in CORE_NAMESPACES):
+            return f"ops.{tokens[i + 2].string}"
+    return None
 
 
 def script_operators(module: torch.jit.ScriptModule) -> set[str]:

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import bnfold
+from bnfold.inputs import InputSpec
 from bnfold.findings import CODES
 from bnfold.testing import assert_deployable
 from models import zoo
@@ -304,9 +305,20 @@ def test_correct_models_verify_clean(model):
 @pytest.mark.parametrize("name", sorted(zoo.REFERENCE_MODELS))
 def test_reference_models_verify_clean(name):
     spec = zoo.REFERENCE_MODELS[name]
-    report = bnfold.verify(zoo.build(name), (torch.randn(spec.input_shape),))
+    report = bnfold.verify(zoo.build(name), [InputSpec(tuple(spec.input_shape))])  # seeded draws: deterministic
     assert report.ok, [str(f) for f in report.findings] + [c.detail for c in report.checks if not c.passed]
     assert {f.code for f in report.findings} <= {"BN011"}  # warnings only: the exporter left a BN unfolded
+
+
+def test_traced_export_of_a_data_dependent_branch_is_caught():
+    # The exporter traces the batch-1 case; when the whole batch takes the model's other branch (the sign of
+    # the batch mean), onnxruntime runs the traced branch only: BN010, with the user's own tensors.
+    spec = zoo.REFERENCE_MODELS["untraceable_tiny"]
+    x = torch.randn(spec.input_shape, generator=torch.Generator().manual_seed(0)).abs() * -1.0
+    x[0] = x[0].abs()  # sample 0 alone: mean > 0; the batch: mean < 0
+    report = bnfold.verify(zoo.build("untraceable_tiny"), (x,), checks=("onnx",))
+    assert "BN010" in {f.code for f in report.findings}
+    assert not next(c for c in report.checks if c.name == "onnx parity").passed
 
 
 def test_report_api_and_assert_deployable():
