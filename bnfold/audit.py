@@ -28,9 +28,9 @@ from torch.utils._pytree import tree_flatten
 from bnfold.compare import flatten_outputs
 from bnfold.errors import first_line
 from bnfold.findings import Finding
-from bnfold.runtime import run_model
 from bnfold.inputs import InputSpec, make_inputs, seeded
 from bnfold.layers import BNRef, bn_ref, get_tensor, is_bn_module
+from bnfold.runtime import run_model
 
 DEGENERATE_SCALE = 1e3
 #: Relative difference (to the output's scale) above which a probe calls two outputs different.

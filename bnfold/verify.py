@@ -25,10 +25,10 @@ from bnfold.compare import Comparison
 from bnfold.errors import BnfoldError, InputSpecError, LoadError, first_line
 from bnfold.findings import CHECK_GROUPS, CODES, CODES_OF_CHECK, Finding
 from bnfold.fuse import fuse
-from bnfold.runtime import eval_mode, parity_inputs, reference_cases
 from bnfold.inputs import SHAPE_HINT, InputSpec, specs_from_tensors
 from bnfold.load import Loaded, has_static_batch, load
 from bnfold.onnx_check import DEFAULT_ORT_TIMEOUT_S, OrtWorker, check_onnx, check_timeout
+from bnfold.runtime import eval_mode, parity_inputs, reference_cases
 
 CHECKS = CHECK_GROUPS
 

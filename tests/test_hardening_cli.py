@@ -10,14 +10,13 @@ from xml.etree import ElementTree as ET
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import sha256
 from torch import nn
 
 import bnfold
 from bnfold.cli import main
 from bnfold.findings import CHECKS, CODES
 from models.zoo import randomize_bn_statistics
-
-from conftest import sha256
 
 SHAPE = ["--input-shape", "4,3,8,8"]
 X = (torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)

@@ -10,8 +10,8 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import bnfold
-from bnfold.inputs import InputSpec
 from bnfold.findings import CODES
+from bnfold.inputs import InputSpec
 from bnfold.testing import assert_deployable
 from models import zoo
 from models.zoo import randomize_bn_statistics
