@@ -36,7 +36,8 @@ from bnfold.compare import check_tolerance
 from bnfold.errors import BnfoldError, InputSpecError
 from bnfold.findings import CHECK_GROUPS, CODES
 from bnfold.inputs import InputSpec, parse_input_spec
-from bnfold.onnx_check import EXPORTERS, check_timeout
+from bnfold.onnx.export import EXPORTERS
+from bnfold.onnx.runner import check_timeout
 
 if sys.version_info >= (3, 11):
     import tomllib

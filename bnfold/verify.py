@@ -26,9 +26,11 @@ from bnfold.errors import BnfoldError, InputSpecError, LoadError, first_line
 from bnfold.findings import CHECK_GROUPS, CODES, CODES_OF_CHECK, Finding
 from bnfold.fuse import fuse
 from bnfold.inputs import SHAPE_HINT, InputSpec, specs_from_tensors
-from bnfold.load import Loaded, has_static_batch, load
-from bnfold.onnx_check import DEFAULT_ORT_TIMEOUT_S, OrtWorker, check_onnx, check_timeout
-from bnfold.runtime import eval_mode, parity_inputs, reference_cases
+from bnfold.kinds import Adapter, adapter_for
+from bnfold.load import Loaded, load
+from bnfold.onnx.check import check_onnx
+from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtWorker, check_timeout
+from bnfold.runtime import Reference, make_reference
 
 CHECKS = CHECK_GROUPS
 
@@ -133,31 +135,35 @@ def verify(
               if isinstance(model, (str, os.PathLike)) else Loaded(model, "module", Path(report.model)))
     report.timings["load"] = time.perf_counter() - start
     report.notes += loaded.notes
-    specs = _specs(example_inputs, loaded)
-    subject = loaded.model.module() if isinstance(loaded.model, torch.export.ExportedProgram) else loaded.model
-    has_modes = not isinstance(loaded.model, torch.export.ExportedProgram)
-    fixed_batch = not has_modes and has_static_batch(loaded.model)
-
-    handed_in_training = has_modes and any(m.training for m in subject.modules())
+    adapter = adapter_for(loaded.model)
+    specs = _specs(example_inputs, loaded, adapter)
+    given = _given(example_inputs)
+    handed_in_training = adapter.was_training()
     if handed_in_training:
         report.findings.append(Finding("BN012", "", "handed over with model.training=True; verified after eval()"))
     if checks:  # a run that checks nothing must not pass on the handover alone
         report.checks.append(Check("handover", True, "handed over in training mode; verified after eval()"
-                                   if handed_in_training else "handed over in eval mode" if has_modes
+                                   if handed_in_training else "handed over in eval mode" if adapter.has_modes
                                    else "a torch.export program: its mode is part of its graph"))
     # Start onnxruntime's process first: its slow import overlaps with the audit, the fold and the export.
     with OrtWorker(timeout=timeout) if "onnx" in checks else contextlib.nullcontext() as worker:
-        if "audit" in checks:
-            _audit(subject, specs, seed, report, has_modes, fixed_batch)
+        subject = adapter.subject
+        if "audit" in checks and subject is not None:
+            _audit(subject, specs, seed, report, adapter.has_modes, adapter.fixed_batch)
             if data is not None:
                 _stale(subject, data, samples, report, code_root)
+        if "fold" in checks or "onnx" in checks:
+            with adapter.evaluating() as runnable:  # the eval model's outputs, computed once for both stages
+                reference = make_reference(runnable, specs, seed, given, adapter.fixed_batch)
         if "fold" in checks:
-            _fold(loaded.model, _given(example_inputs) or specs, seed, atol, rtol, report)
+            _fold(adapter, reference, atol, rtol, report)
         if "onnx" in checks:
-            if not has_modes:
+            if not adapter.has_modes:
                 report.notes.append("a torch.export program is exported to ONNX as it is, by the dynamo exporter")
-            _onnx(subject if has_modes else loaded.model, specs, seed, atol, rtol, exporter if has_modes else "dynamo",
-                  Path(onnx) if onnx else None, report, has_modes, fixed_batch, worker, _given(example_inputs))
+            exporter = exporter if adapter.has_modes else "dynamo"
+            with adapter.evaluating() as runnable:
+                _onnx(runnable if adapter.has_modes else adapter.model, reference, atol, rtol, exporter,
+                      Path(onnx) if onnx else None, report, worker)
     _finish(report)
     report.timings["total"] = time.perf_counter() - start
     return report
@@ -212,11 +218,12 @@ def _as_specs(example_inputs: Any) -> list[InputSpec]:
     return specs_from_tensors(tuple(example_inputs))
 
 
-def _specs(example_inputs: Any, loaded: Loaded) -> list[InputSpec]:
+def _specs(example_inputs: Any, loaded: Loaded, adapter: Adapter) -> list[InputSpec]:
     if example_inputs:
         return _as_specs(example_inputs)
-    if loaded.input_specs:
-        return loaded.input_specs
+    declared = loaded.input_specs or adapter.input_specs()
+    if declared:
+        return declared
     raise InputSpecError(f"{loaded.path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
 
 
@@ -282,10 +289,10 @@ def _stale(model: Any, data: Any, samples: int | None, report: Report,
                                    time.perf_counter() - stage.start))
 
 
-def _fold(model: Any, specs: list[InputSpec], seed: int, atol, rtol, report: Report) -> None:
+def _fold(adapter: Adapter, reference: Reference, atol, rtol, report: Report) -> None:
     with _Stage(report, "fold") as stage:
         try:
-            result = fuse(model, specs, atol=atol, rtol=rtol, seed=seed)
+            result = fuse(adapter, reference.specs, atol=atol, rtol=rtol, seed=reference.seed, reference=reference)
         except BnfoldError:
             raise
         except Exception as exc:  # a model bnfold cannot fold is a finding, not a crash
@@ -309,16 +316,11 @@ def _given(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
-def _onnx(model: Any, specs: list[InputSpec], seed: int, atol, rtol, exporter: str, onnx_path: Path | None,
-          report: Report, has_modes: bool, fixed_batch: bool, worker: OrtWorker | None,
-          given: tuple[torch.Tensor, ...] | None) -> None:
+def _onnx(model: Any, reference: Reference, atol, rtol, exporter: str, onnx_path: Path | None, report: Report,
+          worker: OrtWorker | None) -> None:
     start = time.perf_counter()
-    with eval_mode(model) if has_modes else contextlib.nullcontext(model) as reference:
-        inputs = parity_inputs(specs, seed, given)
-        runnable = reference if has_modes else reference.module()
-        cases = reference_cases(runnable, inputs[-1:] if fixed_batch else inputs)
-        result = check_onnx(reference, {c.label: (c.inputs, c.expected) for c in cases}, onnx_path=onnx_path,
-                            exporter=exporter, atol=atol, rtol=rtol, worker=worker)
+    result = check_onnx(model, {c.label: (c.inputs, c.expected) for c in reference.cases}, onnx_path=onnx_path,
+                        exporter=exporter, atol=atol, rtol=rtol, worker=worker)
     for stage, seconds in result.timings.items():
         report.timings[stage if stage != "compare" else "onnx compare"] = seconds
     findings = [_onnx_filed(f) for f in result.findings]
@@ -365,7 +367,8 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
     import onnx as onnx_lib
 
     from bnfold.inputs import make_inputs
-    from bnfold.onnx_check import lint, run_onnxruntime
+    from bnfold.onnx.lint import lint
+    from bnfold.onnx.runner import run_onnxruntime
 
     start = time.perf_counter()
     if not path.is_file():

@@ -20,7 +20,9 @@ from torch import nn
 
 from bnfold.errors import BnfoldError
 from bnfold.findings import CODES
-from bnfold.onnx_check import DEFAULT_ORT_TIMEOUT_S, OrtWorker, check_onnx, lint, run_onnxruntime
+from bnfold.onnx.check import check_onnx
+from bnfold.onnx.lint import lint
+from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtWorker, run_onnxruntime
 
 POSIX = pytest.mark.skipif(sys.platform == "win32", reason="signals and zombie processes are POSIX notions")
 
@@ -64,7 +66,7 @@ def fake_worker(tmp_path, monkeypatch):
     def install(after: str) -> None:
         script = tmp_path / "fake_worker.py"
         script.write_text("import os, signal, sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\n" + after)
-        monkeypatch.setattr("bnfold.onnx_check._WORKER", script)
+        monkeypatch.setattr("bnfold.onnx.runner._WORKER", script)
 
     return install
 
@@ -187,7 +189,7 @@ class Eigh(nn.Module):
 
 
 def test_failed_export_prints_nothing_and_reports_one_line(tmp_path, capfd, caplog):
-    caplog.set_level(logging.DEBUG, logger="bnfold.onnx_check")
+    caplog.set_level(logging.DEBUG, logger="bnfold.onnx.export")
     x = (torch.randn(2, 3, 3),)
     result = check_onnx(Eigh().eval(), {"batch 2": (x, Eigh()(*x))}, onnx_path=None, exporter="torchscript",
                         atol=None, rtol=None, workdir=tmp_path)

@@ -349,7 +349,7 @@ def test_onnxruntime_crash_becomes_a_finding(tmp_path, monkeypatch):
     crasher = tmp_path / "crash.py"
     crasher.write_text("import os, signal, sys\nprint('ready', flush=True)\nsys.stdin.readline()\n"
                        "os.kill(os.getpid(), signal.SIGSEGV)\n")
-    monkeypatch.setattr("bnfold.onnx_check._WORKER", crasher)
+    monkeypatch.setattr("bnfold.onnx.runner._WORKER", crasher)
     report = bnfold.verify(trained(Net()), X, checks=("onnx",))
     finding = next(f for f in report.findings if f.code == "BN010")
     assert "killed by signal 11" in finding.message

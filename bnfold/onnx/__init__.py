@@ -1,0 +1,1 @@
+"""ONNX: export, lint, onnxruntime runner, graph folding (one module each)."""
