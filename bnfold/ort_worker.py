@@ -29,7 +29,12 @@ import os
 import sys
 from typing import Any, TextIO
 
-import numpy as np
+# Run as a file, this folder is sys.path[0]: bnfold's own modules (inputs, data, config...) must not shadow
+# what numpy and onnxruntime import.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
+import numpy as np  # after the sys.path fix above
 
 #: The stages an ``error`` answer names (the parent maps each to its own hint).
 LOAD, RUN = "load", "run"
