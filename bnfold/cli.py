@@ -389,6 +389,82 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+@main.command("export")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the ONNX file [default: MODEL's name with .onnx].")
+@MODEL_OPTIONS
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="dynamo: torch.export-based, maintained, refuses data-dependent control flow; torchscript: "
+                   "fast, deprecated, records the branch its example input took.")
+@click.option("--opset", type=click.IntRange(min=9), help="ONNX opset [default: the exporter's].")
+@click.option("--static-batch", is_flag=True, help="Fix the batch size to the example's [default: symbolic].")
+@click.option("--fp16", is_flag=True, help="Write a float16 graph (folded in float64 first, cast once).")
+@click.option("--keep-io-types", is_flag=True, help="With --fp16: keep float32 inputs and outputs.")
+@click.option("--external-data", is_flag=True, help="Write the weights to MODEL.onnx.data beside the graph "
+              "(automatic past 2 GB).")
+@click.option("--no-fold", "no_fold", is_flag=True, help="Export the model as it is (still verified).")
+@click.option("--force", is_flag=True, help="Export despite audit errors (they are still printed).")
+@ATOL
+@RTOL
+@SEED
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop an onnxruntime call after this long [default: 300].")
+@JSON
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@DEBUG
+def export_command(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
+                   arch_kwargs: str | None, trust: bool, exporter: str, opset: int | None, static_batch: bool,
+                   fp16: bool, keep_io_types: bool, external_data: bool, no_fold: bool, force: bool,
+                   atol: float | None, rtol: float | None, seed: int, timeout: float | None, json_path: Path | None,
+                   quiet: bool, debug: bool) -> None:
+    """Export to a folded ONNX file, proven against the PyTorch eval model.
+
+    \b
+    audit (errors stop it; --force) -> fold BatchNorm in PyTorch -> export -> fold what the exporter
+    left in the graph -> onnx.checker -> onnxruntime vs the PyTorch eval model at batch 1 and the given
+    batch -> atomic write. Nothing is written unless every stage passes (exit 1 then).
+
+    \b
+    Examples:
+      bnfold export models/checkpoints/resnet_digits.safetensors --arch models.zoo:resnet_digits \\
+          --input-shape 8,1,8,8 -o resnet_digits.onnx
+      bnfold export model.pt2 -o model.onnx --fp16 --keep-io-types
+      bnfold export scripted.pt --input-shape 1,3,224,224 --exporter torchscript --opset 17
+    """
+    _exit_through(lambda: _run_export(model_path, output, input_shapes, arch, arch_kwargs, trust, exporter, opset,
+                                      static_batch, fp16, keep_io_types, external_data, no_fold, force, atol, rtol,
+                                      seed, timeout, json_path, quiet), debug)
+
+
+def _run_export(model_path, output, input_shapes, arch, arch_kwargs, trust, exporter, opset, static_batch, fp16,
+                keep_io_types, external_data, no_fold, force, atol, rtol, seed, timeout, json_path, quiet) -> int:
+    from bnfold.export import export
+    from bnfold.report import export_document, render_export
+
+    _tolerances(atol, rtol)
+    specs = [parse_input_spec(s) for s in input_shapes]
+    out_path = output or model_path.with_suffix(".onnx")
+    data_path = out_path.with_name(out_path.name + ".data")
+    check_paths({"MODEL": model_path}, {"-o": out_path, "external data": data_path, "--json": json_path})
+    status = _status_console()
+    with status.status(f"loading {escape(str(model_path))}"):
+        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+    specs = specs or loaded.input_specs or []
+    if not specs:
+        raise InputSpecError(f"{model_path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
+    with status.status("auditing, folding, exporting and comparing"):
+        result = export(loaded.model, specs, out_path, exporter=exporter, opset=opset, static_batch=static_batch,
+                        fp16=fp16, keep_io_types=keep_io_types, external_data=external_data, fold=not no_fold,
+                        force=force, atol=atol, rtol=rtol, seed=seed, timeout=timeout)
+    result.notes[:0] = loaded.notes
+    render_export(result, _stdout_console(), source=str(model_path), quiet=quiet)
+    if json_path is not None:
+        write_json(json_path, export_document(result, input={"path": str(model_path), "format": loaded.format,
+                                                             "shapes": [str(s) for s in specs]}))
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
 @main.command("recalibrate")
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--data", "data_spec", required=True, metavar="PATH|MODULE:FUNCTION",

@@ -222,7 +222,8 @@ def _is_callable_spec(data: str, root: Path) -> bool:
 
 def _model(root: Path, entry: dict[str, Any], where: str, trust: bool) -> ModelConfig:
     if "path" not in entry:
-        raise ConfigError(f"{where}: 'path' is missing", "e.g. path = \"models/model.pt2\" (relative to pyproject.toml)")
+        raise ConfigError(f"{where}: 'path' is missing",
+                          "e.g. path = \"models/model.pt2\" (relative to pyproject.toml)")
     data = entry.get("data")
     code = [f"arch = {entry['arch']!r}"] if "arch" in entry else []
     if data is not None and _is_callable_spec(data, root):

@@ -75,7 +75,8 @@ def fuse(
 
     ``model`` is an ``nn.Module``, a TorchScript module or a ``torch.export`` program. ``example_inputs``
     are tensors (compared as they are, batch 1 being their first sample; further draws for discovery are
-    seeded, integers within the range of the given values) or :class:`~bnfold.inputs.InputSpec` objects. ``method`` picks discovery for ``nn.Module`` models:
+    seeded, integers within the range of the given values) or :class:`~bnfold.inputs.InputSpec` objects.
+    ``method`` picks discovery for ``nn.Module`` models:
     ``"fx"``, ``"observed"`` or ``"auto"`` (fx, falling back to observing forward passes when tracing
     fails). ``keep_structure`` keeps every module and state-dict key (BNs neutralised instead of removed).
     The input model is not modified; ``result.model`` is a folded copy in eval mode. ``reference`` is the eval

@@ -172,3 +172,38 @@ def github_annotations(reports: list[Any]) -> str:
             if not check.passed and not _errors_of(report, check.name):
                 lines.append(f"::error title={check.name}::{report.model}: {check.detail}")
     return "\n".join(lines)
+
+
+# -- export -------------------------------------------------------------------------------------------------------
+def render_export(result: Any, console: Console, *, source: str, quiet: bool = False) -> None:
+    """One line per output and batch (Polygraphy-style), the BatchNorms left in the graph with their reasons,
+    then the verdict."""
+    if not quiet:
+        for finding in result.findings:
+            style = "red" if finding.severity == "error" else "yellow"
+            where = escape(finding.module or "(model)")
+            console.print(f"[{style}]{finding.code} {finding.severity}[/{style}] {where}: {escape(finding.message)}",
+                          highlight=False, soft_wrap=True)
+        for comparison in result.parity:
+            for diff in comparison.outputs:
+                style = "green" if diff.passed else "red"
+                console.print(f"[{style}]{escape(parity_line(comparison, diff))}[/{style}]", highlight=False,
+                              soft_wrap=True)
+        for skip in result.left:
+            console.print(f"left in the graph: {escape(skip.bn)}: {escape(skip.reason)}", highlight=False,
+                          soft_wrap=True)
+        for note in result.notes:
+            console.print(f"Note: {escape(note)}", highlight=False, soft_wrap=True)
+    torch_folds = len(result.torch_fold.folded) if result.torch_fold else 0
+    summary = (f"{source} -> ONNX ({result.exporter}) | {torch_folds} BN folded in PyTorch, {len(result.graph_folded)} "
+               f"in the graph, {len(result.left)} left")
+    if result.ok:
+        console.print(f"[green]PASSED[/green] | {escape(summary)} | wrote {escape(', '.join(result.files))}",
+                      highlight=False, soft_wrap=True)
+    else:
+        console.print(f"[red]FAILED[/red] | {escape(summary)} | stopped at {result.stopped or 'parity'}: nothing "
+                      "written", highlight=False, soft_wrap=True)
+
+
+def export_document(result: Any, **context: Any) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "command": "export", **context, **result.to_dict()}

@@ -82,8 +82,9 @@ def captured_output() -> Iterator[CapturedOutput]:
 
 
 def export_onnx(model: Any, inputs: tuple[torch.Tensor, ...], outputs: Any, path: Path,
-                exporter: str = "torchscript") -> None:
-    """Export ``model`` (already in eval mode) with a dynamic batch axis on every input and output.
+                exporter: str = "torchscript", *, opset: int | None = None, dynamic_batch: bool = True) -> None:
+    """Export ``model`` (already in eval mode) to ``path``, with a symbolic batch axis on every input and output
+    unless ``dynamic_batch`` is False.
 
     ``outputs`` is the model's output on ``inputs`` (the caller has it already; it names the ONNX outputs).
     A ``torch.export`` program is translated as it is (its own shapes, dynamic or not), by the dynamo exporter.
@@ -94,7 +95,7 @@ def export_onnx(model: Any, inputs: tuple[torch.Tensor, ...], outputs: Any, path
     try:
         with captured_output() as output, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _export(model, inputs, len(flatten_outputs(outputs)), path, exporter)
+            _export(model, inputs, len(flatten_outputs(outputs)), path, exporter, opset, dynamic_batch)
     except Exception as exc:
         if hasattr(exc, "add_note") and output.text.strip():  # Python 3.11+
             exc.add_note(f"the exporter printed (last {EXPORT_OUTPUT_TAIL} lines):\n{output.tail()}")
@@ -104,17 +105,18 @@ def export_onnx(model: Any, inputs: tuple[torch.Tensor, ...], outputs: Any, path
             _log.debug("%s exporter output:\n%s", exporter, output.text)
 
 
-def _export(model: Any, inputs: tuple[torch.Tensor, ...], n_outputs: int, path: Path, exporter: str) -> None:
-    input_names = [f"input_{i}" for i in range(len(inputs))]
-    output_names = [f"output_{i}" for i in range(n_outputs)]
+def _export(model: Any, inputs: tuple[torch.Tensor, ...], n_outputs: int, path: Path, exporter: str,
+            opset: int | None, dynamic_batch: bool) -> None:
+    names = {"input_names": [f"input_{i}" for i in range(len(inputs))],
+             "output_names": [f"output_{i}" for i in range(n_outputs)]}
+    if opset is not None:
+        names["opset_version"] = opset
     if isinstance(model, torch.export.ExportedProgram):
-        torch.onnx.export(model, inputs, str(path), dynamo=True, input_names=input_names,
-                          output_names=output_names)
+        torch.onnx.export(model, inputs, str(path), dynamo=True, **names)
     elif exporter == "dynamo":
         batch = torch.export.Dim.AUTO if hasattr(torch.export.Dim, "AUTO") else torch.export.Dim("batch")
-        torch.onnx.export(model, inputs, str(path), dynamo=True, input_names=input_names,
-                          output_names=output_names, dynamic_shapes=tuple({0: batch} for _ in inputs))
+        shapes = tuple({0: batch} for _ in inputs) if dynamic_batch else None
+        torch.onnx.export(model, inputs, str(path), dynamo=True, dynamic_shapes=shapes, **names)
     else:
-        axes = {name: {0: "batch"} for name in input_names + output_names}
-        torch.onnx.export(model, inputs, str(path), dynamo=False, input_names=input_names,
-                          output_names=output_names, dynamic_axes=axes)
+        axes = {name: {0: "batch"} for name in names["input_names"] + names["output_names"]} if dynamic_batch else None
+        torch.onnx.export(model, inputs, str(path), dynamo=False, dynamic_axes=axes, **names)
