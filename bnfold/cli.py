@@ -31,7 +31,8 @@ from bnfold.save import save_model
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
-_OUTPUT_SUFFIX = {"torchscript": ".pt", "export": ".pt2", "pickle": ".pt", "state_dict": ".pt", "safetensors": ".safetensors"}
+_OUTPUT_SUFFIX = {"torchscript": ".pt", "export": ".pt2", "pickle": ".pt", "state_dict": ".pt",
+                  "safetensors": ".safetensors", "onnx": ".onnx"}
 
 
 def exit_code(result: FuseResult) -> int:
@@ -207,34 +208,40 @@ def _output_path(model_path: Path, fmt: str, output: Path | None) -> Path:
               help="How BN pairs are found in eager models: torch.fx, observing forward passes, or fx falling "
                    "back to observation.")
 @JSON
+@click.option("--external-data", is_flag=True, help="ONNX: write the weights to OUT.data beside the graph "
+              "(automatic when the input had external data, or past 2 GB).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @DEBUG
 def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
                  arch_kwargs: str | None, trust: bool, keep_structure: bool, atol: float | None,
-                 rtol: float | None, seed: int, discovery: str, json_path: Path | None, quiet: bool,
-                 debug: bool) -> None:
+                 rtol: float | None, seed: int, discovery: str, external_data: bool, json_path: Path | None,
+                 quiet: bool, debug: bool) -> None:
     """Fold BatchNorm into conv/linear layers and prove output parity.
 
     \b
     The format is read from the file's content and kept: TorchScript in, TorchScript out; .pt2 in,
-    .pt2 out; pickled module in, pickled module out. A state dict (or .safetensors) with --arch is
-    written as a .pt2 program, or with --keep-structure as a state dict for the same architecture.
+    .pt2 out; ONNX in, ONNX out (proven in onnxruntime with its optimisations off); pickled module in,
+    pickled module out. A state dict (or .safetensors) with --arch is written as a .pt2 program, or
+    with --keep-structure as a state dict for the same architecture.
 
     \b
     Examples:
       bnfold fuse model.pt2                                  # a torch.export program carries its shapes
       bnfold fuse scripted.pt --input-shape 1,3,224,224      # TorchScript
+      bnfold fuse model.onnx -o model.folded.onnx            # shapes from the graph
       bnfold fuse ckpt.pt --arch mypkg.nets:resnet18 --arch-kwargs '{"num_classes": 10}' \\
           --input-shape 8,3,224,224 -o resnet18.fused.pt2
       bnfold fuse models/resnet_digits.safetensors --arch models.zoo:resnet_digits --input-shape 8,1,8,8
     """
     _exit_through(lambda: _run_fuse(model_path, output, input_shapes, arch, arch_kwargs, trust,
-                                    keep_structure, atol, rtol, seed, discovery, json_path, quiet), debug)
+                                    keep_structure, atol, rtol, seed, discovery, external_data, json_path, quiet),
+                  debug)
 
 
 def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
               arch_kwargs: str | None, trust: bool, keep_structure: bool, atol: float | None,
-              rtol: float | None, seed: int, discovery: str, json_path: Path | None, quiet: bool) -> int:
+              rtol: float | None, seed: int, discovery: str, external_data: bool, json_path: Path | None,
+              quiet: bool) -> int:
     console = _stdout_console()
     status = _status_console()
     started = time.perf_counter()
@@ -243,6 +250,11 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
     check_paths({"MODEL": model_path}, {"-o": output, "--json": json_path})
     with status.status(f"loading {escape(str(model_path))}"):
         loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+    if loaded.format == "onnx":
+        return _run_fuse_onnx(loaded.model, model_path, output, specs, atol, rtol, seed, external_data, json_path,
+                              quiet, console, status, started)
+    if external_data:
+        raise InputSpecError("--external-data applies to ONNX files only", "bnfold export writes ONNX files")
     specs = specs or loaded.input_specs or []
     if not specs:
         raise InputSpecError(f"{model_path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
@@ -272,6 +284,36 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
         write_json(json_path, fuse_document(result, input={"path": str(model_path), "format": loaded.format,
                                                            "shapes": [str(s) for s in specs]},
                                             output={"path": written, "format": out_format if written else None}))
+    return exit_code(result)
+
+
+def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: list, atol, rtol, seed: int,
+                   external_data: bool, json_path: Path | None, quiet: bool, console: Console, status: Console,
+                   started: float) -> int:
+    from bnfold.onnx.fuse import fuse_onnx, has_external_data
+    from bnfold.onnx.io import save_onnx
+
+    out_path = _output_path(model_path, "onnx", output)
+    data_path = out_path.with_name(out_path.name + ".data")
+    check_paths({"MODEL": model_path}, {"-o": out_path, "external data": data_path, "--json": json_path})
+    with status.status("folding and comparing in onnxruntime"):
+        result = fuse_onnx(model, model_path, specs or None, atol=atol, rtol=rtol, seed=seed)
+    written = None
+    if result.ok:
+        with status.status(f"writing {escape(str(out_path))}"):
+            files = save_onnx(result.model, out_path, external_data=external_data or has_external_data(model_path))
+        written = ", ".join(files)
+    result.timings["total"] = time.perf_counter() - started
+    if quiet:
+        console.print(("PASSED" if result.ok else "FAILED") + f" | {len(result.folded)} folded, "
+                      f"{len(result.skipped)} skipped" + (f" | wrote {escape(written)}" if written else ""),
+                      soft_wrap=True)
+    else:
+        render_fuse(result, console, source=str(model_path), output=written)
+    if json_path is not None:
+        write_json(json_path, fuse_document(result, input={"path": str(model_path), "format": "onnx"},
+                                            output={"path": str(out_path) if written else None,
+                                                    "format": "onnx" if written else None}))
     return exit_code(result)
 
 

@@ -27,7 +27,7 @@ from bnfold import trust as gate
 from bnfold.errors import ArchError, LoadError, UnsafePickleError, first_line
 from bnfold.inputs import InputSpec
 
-Format = Literal["torchscript", "export", "state_dict", "safetensors", "pickle"]
+Format = Literal["torchscript", "export", "state_dict", "safetensors", "pickle", "onnx"]
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 PICKLE_HINT = ("if you trust the file, pass --trust; better, save a state dict (torch.save(model.state_dict())) "
@@ -68,6 +68,8 @@ def sniff(path: Path) -> str:
             return "safetensors"
     if head[:1] == b"\x80":  # pickle protocol 2+ (the legacy torch.save format starts with one)
         return "pickle"
+    if head[:1] == b"\x08":  # a protobuf whose first field is a varint: ModelProto's ir_version (parsed to be sure)
+        return "onnx"
     return "unknown"
 
 
@@ -123,7 +125,8 @@ def load(path: str | os.PathLike[str], *, arch: str | None = None, arch_kwargs: 
 
 
 _KIND_NAMES = {"zip:torchscript": "TorchScript archive", "zip:export": "torch.export program",
-               "zip:torch": "torch.save checkpoint", "pickle": "pickle", "safetensors": "safetensors file"}
+               "zip:torch": "torch.save checkpoint", "pickle": "pickle", "safetensors": "safetensors file",
+               "onnx": "ONNX model"}
 
 
 def _load_kind(path: Path, kind: str, arch: str | None, arch_kwargs: str | None, trust: bool, root: Path) -> Loaded:
@@ -144,9 +147,13 @@ def _load_kind(path: Path, kind: str, arch: str | None, arch_kwargs: str | None,
         return _with_arch(state, path, "safetensors", arch, arch_kwargs, root)
     if kind in ("zip:torch", "pickle"):
         return _load_torch_file(path, arch, arch_kwargs, trust, root)
+    if kind == "onnx":
+        from bnfold.onnx.io import load_onnx  # external data only from the model's own folder
+
+        return Loaded(load_onnx(path), "onnx", path)
     raise LoadError(f"{path}: not a model file bnfold knows (first bytes {_head(path)!r})",
-                    "expected a TorchScript archive, a torch.export .pt2 program, a torch.save checkpoint or a "
-                    ".safetensors file")
+                    "expected a TorchScript archive, a torch.export .pt2 program, a torch.save checkpoint, a "
+                    ".safetensors file or an ONNX model")
 
 
 def _load_torch_file(path: Path, arch: str | None, arch_kwargs: str | None, trust: bool, root: Path) -> Loaded:

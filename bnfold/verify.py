@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,18 +176,7 @@ def _is_onnx(path: Path) -> bool:
         return True
     from bnfold.load import sniff
 
-    return path.is_file() and path.suffix.lower() not in (".pt", ".pt2", ".pth", ".safetensors", ".bin", ".ckpt") \
-        and sniff(path) == "unknown" and _looks_like_onnx(path)
-
-
-def _looks_like_onnx(path: Path) -> bool:
-    import onnx as onnx_lib
-
-    try:
-        model = onnx_lib.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - not a protobuf: not ONNX
-        return False
-    return bool(model.graph.node) or bool(model.opset_import)
+    return path.is_file() and sniff(path) == "onnx"
 
 
 def _finish(report: Report) -> None:
@@ -319,11 +309,13 @@ def _given(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
 def _onnx(model: Any, reference: Reference, atol, rtol, exporter: str, onnx_path: Path | None, report: Report,
           worker: OrtWorker | None) -> None:
     start = time.perf_counter()
-    result = check_onnx(model, {c.label: (c.inputs, c.expected) for c in reference.cases}, onnx_path=onnx_path,
-                        exporter=exporter, atol=atol, rtol=rtol, worker=worker)
+    with tempfile.TemporaryDirectory(prefix="bnfold-") as workdir:  # the graph stays there for the diagnosis
+        result = check_onnx(model, {c.label: (c.inputs, c.expected) for c in reference.cases}, onnx_path=onnx_path,
+                            exporter=exporter, atol=atol, rtol=rtol, worker=worker, workdir=Path(workdir))
+        culprit = _culprit(model, result, reference, atol, rtol)
     for stage, seconds in result.timings.items():
         report.timings[stage if stage != "compare" else "onnx compare"] = seconds
-    findings = [_onnx_filed(f) for f in result.findings]
+    findings = [_onnx_filed(f) for f in result.findings] + culprit
     report.findings += findings
     report.parity += result.parity
     seconds = time.perf_counter() - start
@@ -332,6 +324,23 @@ def _onnx(model: Any, reference: Reference, atol, rtol, exporter: str, onnx_path
         return
     source = f"exported with {exporter}" if onnx_path is None else str(onnx_path)
     _onnx_checks(report, findings, source, bool(result.parity), seconds)
+
+
+def _culprit(model: Any, result: Any, reference: Reference, atol, rtol) -> list[Finding]:
+    """When onnxruntime and PyTorch disagree, the first ONNX node and torch module where they part (BN010)."""
+    failing = next((c for c in result.parity if not c.ok), None)
+    if failing is None or result.path is None or not isinstance(model, nn.Module):
+        return []
+    from bnfold.onnx.culprit import find_divergence
+
+    case = next(c for c in reference.cases if failing.label.endswith(c.label))
+    try:
+        divergence = find_divergence(result.path, model, case.inputs, atol=atol, rtol=rtol)
+    except BnfoldError as exc:  # the diagnosis is a bonus: the BN010 finding stands without it
+        return [Finding("BN010", "", f"no culprit named: {exc.message}")]
+    if divergence is None:
+        return []
+    return [Finding("BN010", divergence.module or divergence.onnx_node, divergence.message())]
 
 
 def _worst(comparisons: list[Comparison]) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import onnx
 import pytest
 import torch
@@ -242,14 +244,18 @@ def test_bn009_and_bn010_onnx_exported_in_training_mode(tmp_path):
 
 
 def test_bn010_given_onnx_file_that_does_not_match(tmp_path):
-    other = trained(Net())
+    model = trained(Net())
+    other = copy.deepcopy(model)  # the same weights but the last layer's bias: the file is stale there
     with torch.no_grad():
         other.fc.bias += 1.0
     path = tmp_path / "stale.onnx"
     torch.onnx.export(other, X, str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}})
-    report = bnfold.verify(trained(Net()), X, onnx=path, checks=("onnx",))
+    report = bnfold.verify(model, X, onnx=path, checks=("onnx",))
     finding = next(f for f in report.findings if f.code == "BN010")
     assert "max abs" in finding.message and "at (" in finding.message
+    # the culprit: the first ONNX node and torch module where onnxruntime and PyTorch part
+    culprit = next(f for f in report.findings if f.code == "BN010" and f.message.startswith("first divergence"))
+    assert culprit.module == "fc" and "Gemm" in culprit.message
 
 
 def test_bn007_and_bn009_dropout_in_onnx():

@@ -1,0 +1,154 @@
+"""``bnfold fuse model.onnx``: fold the BatchNormalization nodes of an ONNX graph and prove it in onnxruntime.
+
+The proof runs onnxruntime **with graph optimisations disabled** on both graphs (its own Conv+BN fusion would
+otherwise hide a wrong fold), on seeded inputs whose shapes and dtypes come from the graph: a symbolic batch
+axis is checked at 1 and at the given batch (2 when none is given); any other symbolic dimension needs
+``--input-shape``. Same Polygraphy-style report as the torch side.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from bnfold.compare import Comparison, compare_output
+from bnfold.errors import InputSpecError
+from bnfold.fuse import FuseResult
+from bnfold.inputs import SHAPE_HINT, InputSpec
+from bnfold.onnx.runner import OrtFailure, OrtWorker, run_onnxruntime
+from bnfold.runtime import parity_inputs
+
+AS_WRITTEN = 1  # run index in the worker's answer: the session with optimisations off
+
+
+def has_external_data(path: Path) -> bool:
+    """Whether the file at ``path`` keeps any tensor in an external file (its output then does too)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller feeds (initializers listed as inputs, IR < 4, have defaults and are left out)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def input_specs(model: onnx.ModelProto, given: list[InputSpec] | None = None) -> tuple[list[InputSpec], bool]:
+    """Input specs from the graph, and whether its batch axis is symbolic.
+
+    ``given`` (``--input-shape``) wins; it must have one spec per graph input and match every fixed dimension.
+    """
+    inputs = graph_inputs(model)
+    if given:
+        if len(given) != len(inputs):
+            raise InputSpecError(f"the graph has {len(inputs)} input(s) ({', '.join(i.name for i in inputs)}), "
+                                 f"--input-shape gave {len(given)}", SHAPE_HINT)
+        for spec, value in zip(given, inputs):
+            _check_given(spec, value)
+        return list(given), any(_symbolic(d) for i in inputs for d in i.type.tensor_type.shape.dim[:1])
+    specs, symbolic_batch = [], False
+    for value in inputs:
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            raise InputSpecError(f"ONNX input {value.name!r} declares no shape", SHAPE_HINT)
+        dims = []
+        for axis, dim in enumerate(tensor_type.shape.dim):
+            if not _symbolic(dim):
+                dims.append(int(dim.dim_value))
+            elif axis == 0:
+                symbolic_batch = True
+                dims.append(1)
+            else:
+                name = dim.dim_param or "?"
+                raise InputSpecError(f"ONNX input {value.name!r} has a symbolic dimension {axis} ({name!r}): bnfold "
+                                     "cannot guess its size", SHAPE_HINT)
+        specs.append(InputSpec(tuple(dims), _torch_dtype(tensor_type.elem_type, value.name)))
+    return specs, symbolic_batch
+
+
+def _symbolic(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    return not dim.HasField("dim_value")
+
+
+def _check_given(spec: InputSpec, value: onnx.ValueInfoProto) -> None:
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) and len(dims) != len(spec.shape):
+        raise InputSpecError(f"ONNX input {value.name!r} has rank {len(dims)}, --input-shape {spec} has rank "
+                             f"{len(spec.shape)}", SHAPE_HINT)
+    for axis, (dim, size) in enumerate(zip(dims, spec.shape)):
+        if not _symbolic(dim) and dim.dim_value != size:
+            raise InputSpecError(f"ONNX input {value.name!r} dimension {axis} is fixed at {dim.dim_value}, "
+                                 f"--input-shape {spec} says {size}", SHAPE_HINT)
+
+
+def _torch_dtype(elem_type: int, name: str) -> torch.dtype:
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return torch.bfloat16
+    try:
+        numpy_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+        return torch.from_numpy(np.zeros(0, dtype=numpy_dtype)).dtype
+    except (KeyError, TypeError, ValueError):
+        raise InputSpecError(f"ONNX input {name!r} has element type {onnx.TensorProto.DataType.Name(elem_type)}, "
+                             "which bnfold cannot draw inputs for", SHAPE_HINT) from None
+
+
+def comparison_cases(specs: list[InputSpec], symbolic_batch: bool, seed: int) -> list[tuple[str, tuple]]:
+    """Batch 1 and another size when the batch axis is symbolic; the graph's own batch otherwise."""
+    if symbolic_batch and specs and specs[0].shape and specs[0].shape[0] == 1:
+        specs = [spec.with_batch(2) for spec in specs]
+    return parity_inputs(specs, seed, fixed_batch=not symbolic_batch)
+
+
+def run_as_written(path: Path, cases: list[tuple[str, tuple]], worker: OrtWorker, workdir: Path
+                   ) -> dict[str, list[np.ndarray]] | OrtFailure:
+    """Outputs of the graph as written (optimisations off), per case label, in graph-output order."""
+    run = run_onnxruntime(path, dict(cases), workdir, worker)
+    if run.failure:
+        return run.failure
+    return {label: runs[AS_WRITTEN] for label, runs in run.outputs.items()}
+
+
+def fuse_onnx(model: onnx.ModelProto, path: Path, specs: list[InputSpec] | None = None, *, atol: float | None = None,
+              rtol: float | None = None, seed: int = 0, timeout: float | None = None) -> FuseResult:
+    """Fold ``model`` (read from ``path``) and compare the folded graph with it in onnxruntime.
+
+    ``model`` is not modified; ``result.model`` is the folded ``ModelProto``.
+    """
+    from bnfold.onnx.fold import fold_graph
+    from bnfold.onnx.io import save_onnx
+
+    specs, symbolic_batch = input_specs(model, specs)
+    cases = comparison_cases(specs, symbolic_batch, seed)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    folded = fold_graph(model)
+    timings["fold"] = time.perf_counter() - start
+    names = [o.name for o in model.graph.output]
+    with OrtWorker(**({"timeout": timeout} if timeout else {})) as worker, \
+            tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
+        start = time.perf_counter()
+        expected = run_as_written(path, cases, worker, Path(tmp))
+        if isinstance(expected, OrtFailure):
+            raise InputSpecError(f"onnxruntime cannot run {path}: {expected.message}", expected.advice)
+        candidate = Path(tmp) / "folded" / path.name
+        candidate.parent.mkdir()
+        save_onnx(folded.model, candidate)
+        got = run_as_written(candidate, cases, worker, Path(tmp))
+        timings["compare"] = time.perf_counter() - start
+    parity = []
+    for label, _ in cases:
+        outputs = [] if isinstance(got, OrtFailure) else got[label]
+        comparison = Comparison(label, [compare_output(name, ref, value, atol, rtol)
+                                        for name, ref, value in zip(names, expected[label], outputs)])
+        parity.append(comparison)
+    notes = list(folded.notes)
+    if isinstance(got, OrtFailure):
+        notes.append(f"the folded graph does not run in onnxruntime: {got.message}")
+    return FuseResult(model=folded.model, folded=list(folded.folded), skipped=list(folded.skipped), parity=parity,
+                      discovery="onnx", notes=notes, timings=timings)
