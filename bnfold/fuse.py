@@ -62,7 +62,7 @@ class FuseResult:
 
 def fuse(
     model: Any,
-    example_inputs: tuple[torch.Tensor, ...] | list[InputSpec],
+    example_inputs: tuple[torch.Tensor, ...] | list[InputSpec] | None = None,
     *,
     atol: float | None = None,
     rtol: float | None = None,
@@ -84,9 +84,13 @@ def fuse(
     """
     given = None if not example_inputs or isinstance(example_inputs[0], InputSpec) else tuple(example_inputs)
     specs = specs_from_tensors(given) if given else list(example_inputs or ())
+    adapter = adapter_for(model, method=method, keep_structure=keep_structure)
+    if adapter.kind == "onnx":  # proven in onnxruntime, not in PyTorch; the graph declares its inputs
+        from bnfold.onnx.fuse import fuse_onnx
+
+        return fuse_onnx(adapter.model, None, specs or None, atol=atol, rtol=rtol, seed=seed)
     if not specs:
         raise InputSpecError("no example inputs were given", SHAPE_HINT)
-    adapter = adapter_for(model, method=method, keep_structure=keep_structure)
     was_training = adapter.was_training()
     # The caller's model is the reference (no copy: peak memory stays near one extra model); evaluating()
     # restores its train/eval flags afterwards and nothing writes to it.

@@ -145,14 +145,52 @@ class ExportAdapter(Adapter):
         return torch.export.export(folded, inputs)
 
 
+class OnnxAdapter(Adapter):
+    """An ONNX graph: onnxruntime runs it (see :mod:`bnfold.onnx.fuse`, which proves its folds); no modes."""
+
+    kind = "onnx"
+    has_modes = False
+    save_format = "onnx"
+
+    @property
+    def runnable(self) -> Callable[..., Any]:
+        raise TypeError("an ONNX graph runs in onnxruntime's child process, not as a Python callable")
+
+    def was_training(self) -> bool:
+        return False
+
+    @property
+    def subject(self) -> nn.Module | None:
+        return None
+
+    @property
+    def fixed_batch(self) -> bool:
+        from bnfold.onnx.fuse import input_specs
+
+        return not input_specs(self.model, None)[1]
+
+    def input_specs(self) -> list[InputSpec] | None:
+        from bnfold.onnx.fuse import input_specs
+
+        return input_specs(self.model, None)[0]
+
+    def discover(self, reference: Any, draws: list[tuple[torch.Tensor, ...]]) -> Discovery:
+        from bnfold.onnx.fold import discover_graph
+
+        return discover_graph(self.model)
+
+
 def adapter_for(model: Any, *, method: str = "auto", keep_structure: bool = False) -> Adapter:
     """The adapter of ``model``'s kind: the one place that looks at what a model is."""
     if isinstance(model, Adapter):
         return model
+    if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
+        return OnnxAdapter(model)
     if isinstance(model, torch.export.ExportedProgram):
         return ExportAdapter(model)
     if isinstance(model, torch.jit.ScriptModule):
         return ScriptAdapter(model)
     if isinstance(model, nn.Module):
         return ModuleAdapter(model, method=method, keep_structure=keep_structure)
-    raise TypeError(f"bnfold takes an nn.Module, a ScriptModule or an ExportedProgram, not {type(model).__name__}")
+    raise TypeError(f"bnfold takes an nn.Module, a ScriptModule, an ExportedProgram or an onnx.ModelProto, not "
+                    f"{type(model).__name__}")

@@ -114,11 +114,11 @@ def run_as_written(path: Path, cases: list[tuple[str, tuple]], worker: OrtWorker
     return {label: runs[AS_WRITTEN] for label, runs in run.outputs.items()}
 
 
-def fuse_onnx(model: onnx.ModelProto, path: Path, specs: list[InputSpec] | None = None, *, atol: float | None = None,
-              rtol: float | None = None, seed: int = 0, timeout: float | None = None) -> FuseResult:
-    """Fold ``model`` (read from ``path``) and compare the folded graph with it in onnxruntime.
-
-    ``model`` is not modified; ``result.model`` is the folded ``ModelProto``.
+def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[InputSpec] | None = None, *,
+              atol: float | None = None, rtol: float | None = None, seed: int = 0,
+              timeout: float | None = None) -> FuseResult:
+    """Fold ``model`` (read from ``path``; None: it is written to a temporary folder to run it) and compare the
+    folded graph with it in onnxruntime. ``model`` is not modified; ``result.model`` is the folded ``ModelProto``.
     """
     from bnfold.onnx.fold import fold_graph
     from bnfold.onnx.io import save_onnx
@@ -133,6 +133,10 @@ def fuse_onnx(model: onnx.ModelProto, path: Path, specs: list[InputSpec] | None 
     with OrtWorker(**({"timeout": timeout} if timeout else {})) as worker, \
             tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
         start = time.perf_counter()
+        if path is None:
+            path = Path(tmp) / "original" / "model.onnx"
+            path.parent.mkdir()
+            save_onnx(model, path)
         expected = run_as_written(path, cases, worker, Path(tmp))
         if isinstance(expected, OrtFailure):
             raise InputSpecError(f"onnxruntime cannot run {path}: {expected.message}", expected.advice)
