@@ -290,7 +290,7 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
 def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: list, atol, rtol, seed: int,
                    external_data: bool, json_path: Path | None, quiet: bool, console: Console, status: Console,
                    started: float) -> int:
-    from bnfold.onnx.fuse import fuse_onnx, has_external_data
+    from bnfold.onnx.fuse import fuse_onnx
     from bnfold.onnx.io import save_onnx
 
     out_path = _output_path(model_path, "onnx", output)
@@ -301,8 +301,8 @@ def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: lis
     written = None
     if result.ok:
         with status.status(f"writing {escape(str(out_path))}"):
-            files = save_onnx(result.model, out_path, external_data=external_data or has_external_data(model_path))
-        written = ", ".join(files)
+            files = save_onnx(result.model, out_path, external_data=external_data or None, source=model_path)
+        written = ", ".join(map(str, files))
     result.timings["total"] = time.perf_counter() - started
     if quiet:
         console.print(("PASSED" if result.ok else "FAILED") + f" | {len(result.folded)} folded, "

@@ -275,7 +275,7 @@ def _export_and_prove(subject: Adapter, reference: Reference, output: Path, resu
             result.stopped = "onnx parity"
             return
         with stage("write"):
-            result.files = save_onnx(graph, output, external_data=external_data)
+            result.files = [str(f) for f in save_onnx(graph, output, external_data=external_data)]
         result.output = output
 
 

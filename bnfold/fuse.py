@@ -154,7 +154,7 @@ def _apply(reference: nn.Module, folds: list[Fold], host_type: type[ModuleHost])
     applied, skipped = [], []
     for fold in folds:
         try:
-            apply_fold(host, fold)
+            apply_fold(host, host.claim(fold))
             applied.append(fold)
         except CannotFold as exc:
             skipped.append(Skip(fold.bn.name, str(exc)))

@@ -212,3 +212,19 @@ def test_exported_program_is_not_reported_as_training():
     program = torch.export.export(conv_bn(), (torch.randn(2, 3, 4, 4),))
     result = bnfold.fuse(program, (torch.randn(2, 3, 4, 4),))
     assert result.ok and len(result.folded) == 1 and not result.was_training
+
+
+def test_bn_on_both_sides_of_a_biasless_conv():
+    # BN -> Conv(bias=False) -> BN: the first fold gives the conv a bias; the second must build on it, not on the
+    # "no bias" seen at discovery time (it used to overwrite the first fold's shift with zeros).
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)).eval()
+    generator = torch.Generator().manual_seed(0)
+    for bn in (model[0], model[2]):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1, generator=generator)
+            bn.running_var.uniform_(0.5, 2, generator=generator)
+            bn.weight.uniform_(0.5, 2, generator=generator)
+            bn.bias.uniform_(-1, 1, generator=generator)
+    result = bnfold.fuse(model, (torch.randn(2, 3, 8, 8, generator=generator),))
+    assert sorted(f.position for f in result.folded) == ["after", "before"] and not result.skipped
+    assert result.ok, [c.worst().figure() for c in result.parity]

@@ -5,9 +5,17 @@ device and ``requires_grad`` kept, and takes the BN out of the computation. How 
 the host: an ``nn.Module`` tree swaps the module for ``Identity`` (or the activation a BN subclass
 applied), a ``torch.export`` graph erases the node, and where neither is possible (a functional call in
 ``forward``, TorchScript) the BN is *neutralised*: its statistics are set so it computes exactly ``z``.
+
+A host reads and writes tensors by path through ``get(path)``, ``set(path, value)`` and ``dtype(path)`` (the
+dtype the tensor is stored in). A host may present a tensor in another layout or precision than it stores
+(an ONNX Gemm's ``(K, N)`` weight as torch's ``(N, K)``, in float64): ``set`` translates back, and the overflow
+check below casts to ``dtype(path)`` first, so it judges the values as they will be stored.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,15 +30,27 @@ class CannotFold(Exception):
     """A fold that discovery proposed but the tensors refuse; the message is the user-facing reason."""
 
 
-def bn_params(root: nn.Module, ref: BNRef) -> BNParams:
+class TensorHost(Protocol):
+    """What :func:`apply_fold` needs of a model: tensors by path, a bias where there is none, the BN taken out."""
+
+    def claim(self, fold: Fold) -> Fold: ...
+    def get(self, path: str) -> torch.Tensor: ...
+    def set(self, path: str, value: torch.Tensor) -> None: ...
+    def dtype(self, path: str) -> torch.dtype: ...
+    def check(self, fold: Fold) -> None: ...
+    def add_bias(self, layer: LayerRef) -> str | None: ...
+    def remove_bn(self, ref: BNRef) -> None: ...
+
+
+def bn_params(host: TensorHost, ref: BNRef) -> BNParams:
     if ref.mean is None or ref.var is None:
         raise CannotFold("has no running statistics")
     params = BNParams(
-        mean=get_tensor(root, ref.mean),
-        var=get_tensor(root, ref.var),
+        mean=host.get(ref.mean),
+        var=host.get(ref.var),
         eps=ref.eps,
-        gamma=get_tensor(root, ref.weight) if ref.weight else None,
-        beta=get_tensor(root, ref.bias) if ref.bias else None,
+        gamma=host.get(ref.weight) if ref.weight else None,
+        beta=host.get(ref.bias) if ref.bias else None,
     )
     for label, t in (("running_mean", params.mean), ("running_var", params.var), ("weight", params.gamma),
                      ("bias", params.beta)):
@@ -56,12 +76,31 @@ class ModuleHost:
     def __init__(self, root: nn.Module) -> None:
         self.root = root
 
+    def get(self, path: str) -> torch.Tensor:
+        return get_tensor(self.root, path)
+
+    def set(self, path: str, value: torch.Tensor) -> None:
+        write(self.root, path, value)
+
+    def dtype(self, path: str) -> torch.dtype:
+        return get_tensor(self.root, path).dtype
+
     def check(self, fold: Fold) -> None:
         """Raise :class:`CannotFold` before anything is written, if this host cannot take ``fold``."""
         if fold.bn.module is not None and not fold.bn.plain and bn_replacement(self.root.get_submodule(fold.bn.module)) is None:
             cls = type(self.root.get_submodule(fold.bn.module)).__name__
             raise CannotFold(f"{cls} overrides forward() and has no activation attribute (act/activation): bnfold "
                              "cannot tell what else it computes")
+
+    def claim(self, fold: Fold) -> Fold:
+        """``fold`` with its layer's current tensors: an earlier fold into the same layer (BN -> conv -> BN) may
+        have given it the bias it had no room for at discovery time."""
+        layer = fold.layer
+        if layer.bias is None and layer.module is not None:
+            bias = getattr(self.root.get_submodule(layer.module), "bias", None)
+            if isinstance(bias, torch.Tensor):
+                return dataclasses.replace(fold, layer=dataclasses.replace(layer, bias=f"{layer.module}.bias"))
+        return fold
 
     def add_bias(self, layer: LayerRef) -> str | None:
         """Give ``layer`` a zero bias and return its path, or None when the host cannot."""
@@ -76,7 +115,7 @@ class ModuleHost:
 
     def remove_bn(self, ref: BNRef) -> None:
         if ref.module is None:
-            neutralise(self.root, ref)
+            neutralise(self, ref)
             return
         parent_name, _, child = ref.module.rpartition(".")
         parent = self.root.get_submodule(parent_name) if parent_name else self.root
@@ -85,26 +124,24 @@ class ModuleHost:
         setattr(parent, child, replacement)
 
 
-def neutralise(root: nn.Module, ref: BNRef, shift: torch.Tensor | None = None) -> None:
+def neutralise(host: TensorHost, ref: BNRef, shift: torch.Tensor | None = None) -> None:
     """Make the BN at ``ref`` compute ``z + shift``; it needs an affine BN to hold a shift."""
-    mean = get_tensor(root, ref.mean)
-    identity = identity_statistics(mean.numel(), ref.eps, mean.dtype, shift)
-    write(root, ref.mean, identity.mean)
-    write(root, ref.var, identity.var)
+    identity = identity_statistics(host.get(ref.mean).numel(), ref.eps, host.dtype(ref.mean), shift)
+    host.set(ref.mean, identity.mean)
+    host.set(ref.var, identity.var)
     if ref.weight is not None:
-        write(root, ref.weight, identity.gamma)
+        host.set(ref.weight, identity.gamma)
     if ref.bias is not None:
-        write(root, ref.bias, identity.beta)
+        host.set(ref.bias, identity.beta)
 
 
-def apply_fold(host: ModuleHost, fold: Fold) -> None:
+def apply_fold(host: TensorHost, fold: Fold) -> None:
     """Fold one BN into its layer and take the BN out of the computation."""
-    root = host.root
     layer, ref = fold.layer, fold.bn
-    params = bn_params(root, ref)
+    params = bn_params(host, ref)
     host.check(fold)
-    weight = get_tensor(root, layer.weight)
-    bias = get_tensor(root, layer.bias) if layer.bias else None
+    weight = host.get(layer.weight)
+    bias = host.get(layer.bias) if layer.bias else None
     try:
         if fold.position == "after":
             groups = layer.groups if layer.kind == "conv_transpose" else 1
@@ -113,20 +150,21 @@ def apply_fold(host: ModuleHost, fold: Fold) -> None:
             new_w, new_b = fold_bn_before(weight, bias, params, groups=layer.groups)
     except ValueError as exc:  # channel counts disagree: discovery paired the wrong tensors
         raise CannotFold(str(exc)) from None
-    if not (torch.isfinite(new_w).all() and torch.isfinite(new_b).all()):
-        limit = torch.finfo(weight.dtype).max
-        raise CannotFold(f"folded weights of {layer.name} overflow {str(weight.dtype).removeprefix('torch.')} (max "
+    stored = host.dtype(layer.weight)
+    if not (torch.isfinite(new_w.to(stored)).all() and torch.isfinite(new_b.to(stored)).all()):
+        limit = torch.finfo(stored).max
+        raise CannotFold(f"folded weights of {layer.name} overflow {str(stored).removeprefix('torch.')} (max "
                          f"{limit:.6g}): a tiny running_var magnifies them; keep this BN, or fold in float32")
     bias_path = layer.bias or host.add_bias(layer)
     if bias_path is None and (fold.position == "before" or ref.bias is None):
         where = "the BN is not affine" if fold.position == "after" else "a BN before it cannot hold its shift"
         raise CannotFold(f"{layer.name} has no bias and {where}: nowhere to keep the folded shift")
-    write(root, layer.weight, new_w)
+    host.set(layer.weight, new_w)
     if bias_path is not None:
-        write(root, bias_path, new_b)
+        host.set(bias_path, new_b)
         host.remove_bn(ref)
     else:  # BN after a bias-less layer: the BN keeps only the shift
-        neutralise(root, ref, shift=new_b)
+        neutralise(host, ref, shift=new_b)
 
 
 class KeepStructureHost(ModuleHost):
@@ -140,7 +178,7 @@ class KeepStructureHost(ModuleHost):
         return None
 
     def remove_bn(self, ref: BNRef) -> None:
-        neutralise(self.root, ref)
+        neutralise(self, ref)
 
 
 class ScriptHost(KeepStructureHost):

@@ -27,12 +27,6 @@ from bnfold.runtime import parity_inputs
 AS_WRITTEN = 1  # run index in the worker's answer: the session with optimisations off
 
 
-def has_external_data(path: Path) -> bool:
-    """Whether the file at ``path`` keeps any tensor in an external file (its output then does too)."""
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The inputs a caller feeds (initializers listed as inputs, IR < 4, have defaults and are left out)."""
     initializers = {t.name for t in model.graph.initializer}

@@ -1,0 +1,61 @@
+"""Fold the BatchNormalizations of an ONNX graph: discovery (:func:`discover_graph`) and folding (:func:`fold_graph`).
+
+The rules are the shared ones (:func:`bnfold.discover.graph.pair`) on a translation of the graph
+(:func:`bnfold.onnx.graph.translate`); the math is :mod:`bnfold.fold.math` in float64, applied by
+:func:`bnfold.fold.apply.apply_fold` through :class:`bnfold.onnx.graph.OnnxHost`. Pure: no files, no onnxruntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from bnfold.discover.graph import Discovery, Fold, Skip
+from bnfold.fold.apply import CannotFold, apply_fold
+from bnfold.onnx.graph import OnnxHost, check_supported, plan, translate
+
+
+@dataclass
+class OnnxFoldResult:
+    """The folded model (a new proto), what was folded, what was not and why, and what else happened."""
+
+    model: onnx.ModelProto
+    folded: list[Fold]
+    skipped: list[Skip]
+    notes: list[str] = field(default_factory=list)
+
+
+def discover_graph(model: onnx.ModelProto) -> Discovery:
+    """Which BatchNormalization folds into which node, and why the others do not; nothing is changed.
+
+    Raises :class:`bnfold.errors.LoadError` for a model bnfold cannot fold (opset, unknown operators).
+    """
+    check_supported(model)
+    return plan(translate(model))
+
+
+def fold_graph(model: onnx.ModelProto) -> OnnxFoldResult:
+    """Fold every BatchNormalization that folds; ``model`` is not modified.
+
+    The result keeps the graph's input and output names, opset imports, metadata, doc strings and producer
+    fields, and drops initializers nothing reads any more. A fold that the tensors refuse (statistics that are
+    not finite, weights that overflow their dtype) becomes a skip with its reason.
+    """
+    check_supported(model)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    found = plan(translate(work))
+    host = OnnxHost(work)
+    folded: list[Fold] = []
+    refused: list[Skip] = []
+    for fold in found.folds:
+        claimed = host.claim(fold)
+        try:
+            apply_fold(host, claimed)
+        except CannotFold as exc:
+            refused.append(Skip(fold.bn.name, str(exc)))
+        else:
+            folded.append(fold)  # as discovered: the names the user knows (a shared weight's copy is in the notes)
+    host.finish()
+    return OnnxFoldResult(work, folded, refused + found.skips, found.notes + host.notes)

@@ -1,0 +1,729 @@
+"""An ONNX graph as the pairing graph of :mod:`bnfold.discover.graph`, and as a tensor host for ``apply_fold``.
+
+:func:`translate` makes one :class:`~bnfold.discover.graph.Node` per ONNX node of the main graph, with a
+``LayerRef`` on Conv, ConvTranspose, Gemm and MatMul (a MatMul followed by a bias ``Add`` is one layer, carried
+by both nodes) and a ``BNRef`` on BatchNormalization; :func:`plan` pairs them with the shared rules. What the
+shared rules cannot see is ONNX-specific and decided here, each with a reason: a parameter that is not a
+constant (a graph input, an initializer also listed as a graph input, the output of a node), ``spatial=0``
+(opsets 7 and 8), ``training_mode=1``, a Gemm with ``transA=1`` (its input rows are not features), a MatMul
+without a constant 2-D weight or of unknown rank.
+
+Tensors are named by their ONNX names (initializers and ``Constant`` outputs). :class:`OnnxHost` presents
+each tensor in the layout torch uses for the same layer, in float64, and writes results back in the stored
+dtype and layout, so that :mod:`bnfold.fold.math` and :func:`bnfold.fold.apply.apply_fold` serve ONNX as
+they serve modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+
+from bnfold.discover.graph import Discovery, Fold, Node, Skip, pair
+from bnfold.errors import LoadError
+from bnfold.fold.apply import CannotFold
+from bnfold.layers import BNRef, LayerRef
+
+#: Oldest default-domain opset folded. BatchNormalization-7/8 compute what BatchNormalization-9 does when
+#: ``spatial=1`` (their default), and ``spatial=0`` is refused per node; opset 6 and older have ``is_test``
+#: and Gemm's ``broadcast`` flag, semantics bnfold does not model.
+MIN_OPSET = 7
+#: The newest default-domain opset the installed onnx knows.
+MAX_OPSET = onnx.defs.onnx_opset_version()
+
+#: Stored ONNX element types that fold, and the torch dtype each is cast to on write.
+FLOAT_TYPES: dict[int, torch.dtype] = {
+    TensorProto.FLOAT: torch.float32,
+    TensorProto.FLOAT16: torch.float16,
+    TensorProto.BFLOAT16: torch.bfloat16,
+    TensorProto.DOUBLE: torch.float64,
+}
+_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_BN_ROLES = ("scale", "B", "mean", "var")  # BatchNormalization inputs 1..4
+_PADDING_AUTO = ("SAME_UPPER", "SAME_LOWER")  # auto_pad values that pad (NOTSET with zero pads and VALID do not)
+#: Tensors up to this many elements are kept whole for shape inference (shape inputs of Reshape and the like);
+#: larger float tensors are weights and only their type and dims are needed.
+_SHAPE_ONLY_ABOVE = 1024
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """What a user sees for a node: its name, or ``OpType#index`` when it has none."""
+    return node.name or f"{node.op_type}#{index}"
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _type_name(data_type: int) -> str:
+    return TensorProto.DataType.Name(data_type) if data_type in TensorProto.DataType.values() else str(data_type)
+
+
+# -- what onnx versions and domains bnfold takes ---------------------------------------------------------------
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for graph_attr in _subgraphs(node):
+            yield from _all_nodes(graph_attr)
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Raise :class:`LoadError` unless bnfold can fold ``model``: a graph, a default-domain opset from
+    :data:`MIN_OPSET` to :data:`MAX_OPSET`, and operators onnx knows (or functions the model defines)."""
+    if not model.HasField("graph"):
+        raise LoadError("the file holds no ONNX graph (ModelProto.graph is empty)",
+                        "pass the .onnx model file itself, not a data or weights file")
+    if model.ir_version > onnx.IR_VERSION:
+        raise LoadError(f"the model has IR version {model.ir_version}; the installed onnx {onnx.__version__} reads "
+                        f"up to {onnx.IR_VERSION}", "upgrade onnx: pip install -U onnx")
+    versions = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
+    default = versions.get("ai.onnx")
+    if default is None:
+        raise LoadError("the model imports no version of the standard ONNX operators (opset_import has no '' "
+                        "domain)", "re-export the model, or add the opset it was built for to opset_import")
+    if default < MIN_OPSET:
+        raise LoadError(f"opset {default} is older than bnfold folds (opsets {MIN_OPSET} to {MAX_OPSET})",
+                        "convert it first: onnx.version_converter.convert_version(model, 17)")
+    if default > MAX_OPSET:
+        raise LoadError(f"opset {default} is newer than the installed onnx {onnx.__version__} knows (up to "
+                        f"{MAX_OPSET})", "upgrade onnx (pip install -U onnx), or export with an older opset")
+    local = {f.domain for f in model.functions}
+    for index, node in enumerate(_all_nodes(model.graph)):
+        domain = node.domain or "ai.onnx"
+        if node.domain in local or onnx.defs.has(node.op_type, "" if domain == "ai.onnx" else domain):
+            continue
+        what = (f"operator {node.op_type} is not a standard ONNX operator" if domain == "ai.onnx" else
+                f"operator {node.op_type} comes from domain '{domain}', which onnx does not know")
+        raise LoadError(f"node {node_label(node, index)}: {what}",
+                        "bnfold folds standard ONNX graphs: fold before converting to a runtime-specific graph "
+                        "(onnxruntime's com.microsoft operators, TensorRT plugins)")
+
+
+# -- what the graph holds ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Const:
+    """A constant's type and shape, known without decoding its data."""
+
+    data_type: int
+    shape: tuple[int, ...]
+
+
+def _constant_of(node: onnx.NodeProto) -> _Const | None:
+    """The type and shape of a ``Constant`` node's value, None for forms that are not a dense tensor."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return _Const(attr.t.data_type, tuple(attr.t.dims))
+    if attr.name == "value_float":
+        return _Const(TensorProto.FLOAT, ())
+    if attr.name == "value_floats":
+        return _Const(TensorProto.FLOAT, (len(attr.floats),))
+    return None
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from the scopes around it (every name its nodes read and it does not define)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(n for n in node.input if n)
+        for inner in _subgraphs(node):
+            read |= _subgraph_reads(inner)
+        defined.update(node.output)
+    read.update(o.name for o in graph.output)
+    return read - defined
+
+
+@dataclass
+class GraphIndex:
+    """Who produces and who reads every name of the main graph."""
+
+    constants: dict[str, _Const]  # initializers and Constant node outputs
+    initializers: frozenset[str]
+    inputs: frozenset[str]  # graph inputs (initializers listed as inputs included)
+    outputs: frozenset[str]
+    producer: dict[str, int]  # name -> index of the node writing it
+    readers: dict[str, list[tuple[int, int]]]  # name -> (node index, input slot), top-level reads only
+    nested: dict[str, list[int]]  # name -> indices of nodes whose subgraphs read it
+    labels: list[str]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> GraphIndex:
+        constants = {t.name: _Const(t.data_type, tuple(t.dims)) for t in graph.initializer}
+        producer: dict[str, int] = {}
+        readers: dict[str, list[tuple[int, int]]] = {}
+        nested: dict[str, list[int]] = {}
+        for index, node in enumerate(graph.node):
+            const = _constant_of(node)
+            if const is not None:
+                constants[node.output[0]] = const
+            for name in node.output:
+                if name:
+                    producer[name] = index
+            for slot, name in enumerate(node.input):
+                if name:
+                    readers.setdefault(name, []).append((index, slot))
+            for name in set().union(*map(_subgraph_reads, _subgraphs(node))):
+                nested.setdefault(name, []).append(index)
+        return cls(constants, frozenset(t.name for t in graph.initializer), frozenset(i.name for i in graph.input),
+                   frozenset(o.name for o in graph.output), producer, readers, nested,
+                   [node_label(n, i) for i, n in enumerate(graph.node)])
+
+    def not_constant(self, name: str, role: str) -> str | None:
+        """Why ``name`` is not a constant a fold can rewrite (``role`` names it for the user); None when it is."""
+        if name in self.inputs:
+            if name in self.initializers:
+                return (f"{role} '{name}' is an initializer also listed as a graph input (a caller can override "
+                        "it at run time): not a constant; remove it from graph.input to fold")
+            return f"{role} '{name}' is a graph input (fed at run time): not a constant"
+        if name in self.constants:
+            return None
+        if name in self.producer:
+            index = self.producer[name]
+            return f"{role} '{name}' is computed by node {self.labels[index]}: not a constant"
+        return f"{role} '{name}' is not defined in the graph"
+
+    def users(self, name: str) -> int:
+        """How many reads of ``name`` there are: node inputs, subgraphs, graph outputs."""
+        return len(self.readers.get(name, ())) + len(self.nested.get(name, ())) + (name in self.outputs)
+
+
+def _float_param(index: GraphIndex, name: str, role: str) -> str | None:
+    """Why ``name`` cannot be a rewritten float parameter; None when it can."""
+    reason = index.not_constant(name, role)
+    if reason is None and index.constants[name].data_type not in FLOAT_TYPES:
+        reason = (f"{role} '{name}' has element type {_type_name(index.constants[name].data_type)}: only "
+                  "float, float16, bfloat16 and double parameters fold")
+    return reason
+
+
+# -- ONNX graph -> pairing nodes -----------------------------------------------------------------------------
+def _bn_ref(node: onnx.NodeProto, label: str, index: GraphIndex) -> tuple[BNRef, str | None]:
+    """The BN's reference, and why it cannot fold whatever its neighbours (None: the shared rules decide)."""
+    attrs = _attrs(node)
+    params = list(node.input[1:5])
+    training = attrs.get("training_mode", 0) == 1 or sum(1 for o in node.output[1:] if o) > 0
+    ref = BNRef(name=label, mean=params[2], var=params[3], weight=params[0], bias=params[1],
+                eps=float(attrs.get("epsilon", 1e-5)), batch_stats=training)
+    if training:
+        return ref, ("training_mode=1 (or running-statistics outputs): it normalises with batch statistics at "
+                     "inference (BN009), so there are no fixed statistics to fold; re-export the model in eval mode")
+    if attrs.get("spatial", 1) == 0:
+        return ref, ("spatial=0: statistics per (channel, position), not per channel, do not fold into a layer's "
+                     "weights; re-export with opset 9 or newer")
+    reasons = [_float_param(index, name, role) for name, role in zip(params, _BN_ROLES)]
+    return ref, next((r for r in reasons if r), None)
+
+
+def _padded(node: onnx.NodeProto) -> bool:
+    attrs = _attrs(node)
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    return auto_pad in _PADDING_AUTO or any(p != 0 for p in attrs.get("pads", ()))
+
+
+def _bias_add(index: GraphIndex, graph: onnx.GraphProto, matmul: int, features: int) -> tuple[int, str] | None:
+    """The ``Add`` that adds a per-feature constant to MatMul ``matmul``'s output: (node index, bias name)."""
+    out = graph.node[matmul].output[0]
+    if index.users(out) != 1 or len(index.readers.get(out, ())) != 1:
+        return None
+    add_index, _ = index.readers[out][0]
+    add = graph.node[add_index]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+        return None
+    other = add.input[1] if add.input[0] == out else add.input[0]
+    const = index.constants.get(other)
+    if other == out or const is None or index.not_constant(other, "bias") or const.data_type not in FLOAT_TYPES:
+        return None
+    # (N,), (1, N), a scalar: the same value for every row, so it is the layer's bias.
+    if len(const.shape) > 2 or any(d != 1 for d in const.shape[:-1]) or const.shape[-1:] not in ((), (1,), (features,)):
+        return None
+    return add_index, other
+
+
+@dataclass
+class Translation:
+    """The pairing nodes of one graph, and what only ONNX knows about them."""
+
+    nodes: dict[int, Node]
+    bn_reasons: dict[str, str]  # BN label -> why it cannot fold at all
+    layer_reasons: dict[int, str]  # node key -> why this Conv/Gemm/MatMul cannot take a fold ("its weight ...")
+    rows_as_input: set[str]  # Gemm labels with transA=1: a BN before them normalises rows, not features
+    nested_bns: list[Skip]
+    notes: list[str] = field(default_factory=list)
+
+
+def _layer_ref(node: onnx.NodeProto, position: int, index: GraphIndex, ranks: dict[str, int],
+               graph: onnx.GraphProto) -> tuple[LayerRef | None, str | None, int | None]:
+    """(the layer, why it cannot fold, the index of a bias Add that carries the same layer)."""
+    op, label, attrs = node.op_type, index.labels[position], _attrs(node)
+    inputs = list(node.input) + [""] * 3
+    if op == "MatMul" and inputs[0] in index.constants and inputs[1] not in index.constants:
+        return None, f"constant '{inputs[0]}' is its first operand: it is not a layer applied to the data", None
+    weight, bias = inputs[1], inputs[2] if op != "MatMul" else ""
+    reason = _float_param(index, weight, "weight") or (_float_param(index, bias, "bias") if bias else None)
+    if reason:
+        return None, reason, None
+    shape = index.constants[weight].shape
+    if op in ("Conv", "ConvTranspose"):
+        kind = "conv" if op == "Conv" else "conv_transpose"
+        return LayerRef(label, kind, weight, bias or None, groups=int(attrs.get("group", 1)),
+                        padded=op == "Conv" and _padded(node), module=label), None, None
+    if len(shape) != 2:
+        return None, f"weight '{weight}' has shape {shape}: only a 2-D constant weight folds", None
+    if op == "Gemm":
+        return LayerRef(label, "linear", weight, bias or None, module=label), None, None
+    if ranks.get(inputs[0]) is None:
+        return None, (f"input '{inputs[0]}' has unknown rank, so bnfold cannot tell whether the BN's axis 1 is its "
+                      "feature axis; give the graph inputs a fixed rank"), None
+    found = _bias_add(index, graph, position, shape[1])
+    bias_node, bias = found if found else (None, None)
+    return LayerRef(label, "linear", weight, bias, module=label), None, bias_node
+
+
+def _ranks(model: onnx.ModelProto) -> tuple[dict[str, int], list[str]]:
+    """The rank of every name shape inference can tell, run on a copy whose large weights are type and dims only
+    (cheap, and below protobuf's 2 GB limit whatever the model's size)."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        stub = skeleton.graph.initializer.add()
+        if tensor.data_type in FLOAT_TYPES and int(np.prod(tensor.dims)) > _SHAPE_ONLY_ABOVE:
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend(tensor.dims)
+        else:
+            stub.CopyFrom(tensor)
+    notes = []
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as exc:
+        # the fold goes on without ranks
+        inferred = skeleton
+        notes.append(f"shape inference failed ({type(exc).__name__}); MatMul layers of unknown rank are not folded")
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    graph = inferred.graph
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = info.type.tensor_type
+        if info.type.HasField("tensor_type") and tensor_type.HasField("shape"):
+            ranks[info.name] = len(tensor_type.shape.dim)
+    return ranks, notes
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every field that is set in protobuf message ``source`` to ``target``, except ``skip``."""
+    for desc, value in source.ListFields():
+        if desc.name == skip:
+            continue
+        repeated = desc.is_repeated if hasattr(desc, "is_repeated") else desc.label == desc.LABEL_REPEATED
+        if repeated:
+            getattr(target, desc.name).extend(value)
+        elif desc.message_type is not None:
+            getattr(target, desc.name).CopyFrom(value)
+        else:
+            setattr(target, desc.name, value)
+
+
+def translate(model: onnx.ModelProto) -> Translation:
+    """One pairing node per node of ``model``'s main graph (see the module docstring)."""
+    graph = model.graph
+    index = GraphIndex.of(graph)
+    ranks, notes = _ranks(model)
+    nodes: dict[int, Node] = {}
+    bn_reasons: dict[str, str] = {}
+    layer_reasons: dict[int, str] = {}
+    rows_as_input: set[str] = set()
+    for position, onnx_node in enumerate(graph.node):
+        label = index.labels[position]
+        data = onnx_node.input[0] if onnx_node.input else ""
+        node = nodes.setdefault(position, Node(key=position, label=label))
+        node.input = index.producer.get(data) if data else None
+        node.in_rank = ranks.get(data) if data else None
+        node.is_output = any(o in index.outputs for o in onnx_node.output)
+        standard = onnx_node.domain in ("", "ai.onnx")
+        if standard and onnx_node.op_type == "BatchNormalization":
+            node.bn, reason = _bn_ref(onnx_node, label, index)
+            if reason:
+                bn_reasons[label] = reason
+        elif standard and onnx_node.op_type in _LAYER_OPS and len(onnx_node.input) >= 2:
+            layer, reason, bias_node = _layer_ref(onnx_node, position, index, ranks, graph)
+            node.layer = layer
+            if reason:
+                layer_reasons[position] = reason
+            if bias_node is not None:  # the bias Add carries the same layer: a BN after it folds into both
+                nodes[bias_node] = Node(key=bias_node, label=index.labels[bias_node], layer=layer)
+            if onnx_node.op_type == "Gemm" and _attrs(onnx_node).get("transA", 0) == 1:
+                rows_as_input.add(label)
+    for name, reads in index.readers.items():
+        if name in index.producer:
+            users = nodes[index.producer[name]].users
+            users.extend(k for k, _ in reads if k not in users)
+    for name, containers in index.nested.items():
+        if name in index.producer:
+            users = nodes[index.producer[name]].users
+            users.extend(k for k in containers if k not in users)
+    nested = [Skip(label, f"inside a subgraph of {index.labels[pos]}: bnfold folds BatchNormalization in the main "
+                          "graph only")
+              for pos, onnx_node in enumerate(graph.node) for label in _nested_bns(onnx_node, index.labels[pos])]
+    return Translation(nodes, bn_reasons, layer_reasons, rows_as_input, nested, notes)
+
+
+def _nested_bns(node: onnx.NodeProto, prefix: str) -> Iterator[str]:
+    for sub in _subgraphs(node):
+        for position, inner in enumerate(sub.node):
+            label = f"{prefix}/{node_label(inner, position)}"
+            if inner.op_type == "BatchNormalization":
+                yield label
+            yield from _nested_bns(inner, label)
+
+
+def plan(found: Translation) -> Discovery:
+    """Pair with the shared rules, then apply what only ONNX knows (see :class:`Translation`)."""
+    nodes = found.nodes
+    paired = pair(nodes, "onnx")
+    key_of = {n.bn.name: k for k, n in nodes.items() if n.bn is not None}
+    folds: list[Fold] = []
+    skips: list[Skip] = []
+    for fold in paired.folds:
+        reason = found.bn_reasons.get(fold.bn.name)
+        if reason is None and fold.position == "before" and fold.layer.name in found.rows_as_input:
+            reason = (f"feeds Gemm {fold.layer.name} with transA=1: the BN's channels are that Gemm's output rows, "
+                      "not its input features")
+        (skips.append(Skip(fold.bn.name, reason)) if reason else folds.append(fold))
+    for skip in paired.skips:
+        reason = found.bn_reasons.get(skip.bn) or _neighbour_reason(nodes[key_of[skip.bn]], nodes, found.layer_reasons)
+        skips.append(Skip(skip.bn, reason) if reason else skip)
+    return Discovery(folds=folds, skips=skips + found.nested_bns, method="onnx", notes=list(found.notes))
+
+
+def _neighbour_reason(node: Node, nodes: dict[int, Node], layer_reasons: dict[int, str]) -> str | None:
+    """The reason a Conv/Gemm/MatMul next to the BN cannot take it, when the shared rules saw no layer there."""
+    if node.input in layer_reasons:
+        return f"follows {nodes[node.input].label}, whose {layer_reasons[node.input]}"
+    src = nodes.get(node.input) if node.input is not None else None
+    if src is not None and src.layer is not None:
+        return None  # the shared rules' reason about that producer stands
+    if len(node.users) == 1 and not node.is_output and node.users[0] in layer_reasons:
+        dst = nodes[node.users[0]]
+        if dst.input == node.key:
+            return f"feeds {dst.label}, whose {layer_reasons[dst.key]}"
+    return None
+
+
+# -- reading and writing tensors -----------------------------------------------------------------------------
+def to_float64(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, dtype=np.float64, order="C"))  # a copy: never aliases the proto
+
+
+def to_stored(value: torch.Tensor, data_type: int) -> np.ndarray:
+    """``value`` rounded once to the stored element type (by torch, as the module side rounds)."""
+    cast = value.detach().to(FLOAT_TYPES[data_type]).contiguous()
+    if data_type == TensorProto.BFLOAT16:
+        return cast.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return cast.numpy()
+
+
+def _set_tensor_data(tensor: TensorProto, array: np.ndarray) -> None:
+    """Replace ``tensor``'s dims and data, keeping its name, doc string, metadata and element type."""
+    fresh = numpy_helper.from_array(array)
+    assert fresh.data_type == tensor.data_type, (fresh.data_type, tensor.data_type)
+    for name in ("float_data", "int32_data", "double_data", "int64_data", "uint64_data", "string_data",
+                 "external_data", "dims"):
+        tensor.ClearField(name)
+    tensor.ClearField("data_location")
+    tensor.dims.extend(fresh.dims)
+    tensor.raw_data = fresh.raw_data
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a tensor read at one input slot is shown to the math: transposed, scaled by alpha or beta."""
+
+    transpose: bool = False
+    scale: float = 1.0
+    reset: str | None = None  # the attribute set to 1.0 once the scale lives in the tensor ("alpha"/"beta")
+
+
+_IDENTITY = _Layout()
+
+
+def _layout(node: onnx.NodeProto, slot: int) -> _Layout:
+    """Torch layout: a weight is ``(out, in)``. A Gemm B is ``(K, N)`` unless transB=1, a MatMul weight ``(K, N)``.
+
+    Gemm's alpha and beta are folded into B and C in float64 (and set to 1 when written) rather than kept and
+    divided out again: keeping them would round twice (``t / beta`` and the stored value), folding rounds once.
+    """
+    if node.op_type == "MatMul" and slot == 1:
+        return _Layout(transpose=True)
+    if node.op_type == "Gemm" and slot in (1, 2):
+        attrs = _attrs(node)
+        if slot == 1:
+            return _Layout(transpose=attrs.get("transB", 0) == 0, scale=float(attrs.get("alpha", 1.0)), reset="alpha")
+        return _Layout(scale=float(attrs.get("beta", 1.0)), reset="beta")
+    return _IDENTITY
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept + [onnx.helper.make_attribute(name, value)])
+
+
+class OnnxHost:
+    """Tensors of one ONNX model by name, for :func:`bnfold.fold.apply.apply_fold`; edits the model in place.
+
+    Call :meth:`claim` on each fold before applying it (it gives the layer tensors of its own when others read
+    them too) and :meth:`finish` once at the end (it writes the node list and drops what nothing uses).
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        graph = model.graph
+        self._nodes = list(graph.node)  # references into the graph: edited in place, listed again by finish()
+        self._by_label = {node_label(n, i): n for i, n in enumerate(self._nodes)}
+        self._dropped: set[int] = set()  # id() of removed nodes
+        self._after: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes inserted right after it
+        self._initializers = {t.name: t for t in graph.initializer}
+        self._constants = {n.output[0]: n for n in self._nodes if _constant_of(n) is not None}
+        self._bias_adds: dict[str, tuple[onnx.NodeProto, int]] = {}  # MatMul label -> (Add, slot) added here
+        self._inputs = {i.name for i in graph.input}
+        self._outputs = {o.name for o in graph.output}
+        self._names = set(self._initializers) | self._inputs | self._outputs | {
+            name for node in _all_nodes(graph) for name in (*node.input, *node.output, node.name) if name}
+        # Kept up to date by every edit below. Subgraphs are never edited, so what they read stays as it is.
+        self._readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        self._producer: dict[str, onnx.NodeProto] = {}
+        self._nested: dict[str, int] = {}
+        for node in self._nodes:
+            self._index(node)
+            for name in set().union(*map(_subgraph_reads, _subgraphs(node))):
+                self._nested[name] = self._nested.get(name, 0) + 1
+        self.notes: list[str] = []
+
+    # -- the host interface of apply_fold
+    def get(self, path: str) -> torch.Tensor:
+        layouts = {_layout(node, slot) for node, slot in self._readers.get(path, ())} or {_IDENTITY}
+        if len(layouts) > 1:
+            raise CannotFold(f"tensor '{path}' is read in different layouts by several nodes")
+        layout = layouts.pop()
+        value = to_float64(self._array(path))
+        if layout.scale != 1.0:
+            value = value * layout.scale
+        return value.T if layout.transpose else value
+
+    def set(self, path: str, value: torch.Tensor) -> None:
+        readers = self._readers.get(path, [])
+        layout = _layout(*readers[0]) if readers else _IDENTITY
+        assert self._reads(path) <= 1, f"{path} is shared: claim() the fold before writing"
+        value = value.T if layout.transpose else value
+        self._write(path, to_stored(value, self._data_type(path)))
+        if layout.reset and layout.scale != 1.0:  # the scale now lives in the tensor
+            _set_attribute(readers[0][0], layout.reset, 1.0)
+
+    def dtype(self, path: str) -> torch.dtype:
+        return FLOAT_TYPES[self._data_type(path)]
+
+    def check(self, fold: Fold) -> None:
+        pass  # every BatchNormalization is plain; what cannot fold was decided by plan()
+
+    def add_bias(self, layer: LayerRef) -> str:
+        """A zero bias for ``layer``: input C / B of Gemm and Conv, or a new ``Add`` after a MatMul."""
+        node = self._by_label[layer.name]
+        shape = self._shape(layer.weight)
+        if _layout(node, 1).transpose:
+            shape = shape[::-1]  # a MatMul or Gemm weight stored (K, N): N outputs
+        out = shape[1] * layer.groups if layer.kind == "conv_transpose" else shape[0]
+        name = self._new_initializer(f"{layer.weight}_bias", to_stored(torch.zeros(out), self._data_type(layer.weight)))
+        if node.op_type == "MatMul":
+            result, inner = node.output[0], self._fresh(f"{node.output[0]}_matmul")
+            self._unindex(node)
+            node.output[0] = inner
+            self._index(node)
+            add = onnx.helper.make_node("Add", [inner, name], [result], name=self._fresh(f"{layer.name}_bias"))
+            self._after.setdefault(id(node), []).append(add)
+            self._index(add)
+            self._bias_adds[layer.name] = (add, 1)
+        else:
+            self._unindex(node)
+            node.input.extend([""] * (3 - len(node.input)))
+            node.input[2] = name
+            self._index(node)
+        return name
+
+    def remove_bn(self, ref: BNRef) -> None:
+        """Take the BatchNormalization out: its input takes over its output name, or its readers read its input."""
+        node = self._by_label[ref.name]
+        source, result = node.input[0], node.output[0]
+        producer = self._producer.get(source)
+        renamable = producer is not None and source not in self._outputs and self._reads(source) == 1
+        if not renamable and (result in self._outputs or result in self._nested):
+            raise CannotFold(f"output '{result}' is a graph output or read inside a subgraph, and input '{source}' "
+                             "cannot be renamed to it")
+        self._unindex(node)
+        self._dropped.add(id(node))
+        if renamable:  # the producer writes the BN's output name: graph outputs and subgraph reads keep working
+            self._unindex(producer)
+            producer.output[list(producer.output).index(source)] = result
+            self._index(producer)
+            return
+        for reader, slot in list(self._readers.get(result, ())):
+            self._rewire(reader, slot, source)
+
+    # -- ONNX only
+    def claim(self, fold: Fold) -> Fold:
+        """``fold`` with its layer's current tensors, each read by the layer alone (copied when shared).
+
+        A weight two nodes read must not change for the one that keeps its BN: the folding node gets a copy
+        under a new name. The bias is looked up again, since an earlier fold into the same layer may have added
+        one.
+        """
+        layer = fold.layer
+        node = self._by_label[layer.name]
+        names: dict[str, str | None] = {}
+        for role, found in (("weight", (node, 1)), ("bias", self._bias_slot(layer, node))):
+            if found is None:
+                names[role] = None
+                continue
+            reader, slot = found
+            name = reader.input[slot]
+            if self._reads(name) > 1:
+                copy = self._new_initializer(f"{name}_{layer.name}", self._array(name))
+                self._rewire(reader, slot, copy)
+                self.notes.append(f"{layer.name}: {role} '{name}' is read by other nodes too; folded into a copy "
+                                  f"'{copy}'")
+                name = copy
+            names[role] = name
+        return dataclasses.replace(fold, layer=dataclasses.replace(layer, weight=names["weight"], bias=names["bias"]))
+
+    def finish(self) -> None:
+        """Write the edited node list and drop initializers, Constants and value_info nothing uses any more."""
+        graph = self.model.graph
+        read = set(self._outputs) | set(self._nested) | {n for n, readers in self._readers.items() if readers}
+        nodes = [n for n in self._live() if _constant_of(n) is None or n.output[0] in read]
+        _replace_repeated(graph.node, nodes, onnx.NodeProto)
+        unused = [t for t in graph.initializer if t.name not in read and t.name not in self._inputs]
+        if unused:
+            size = sum(t.ByteSize() for t in unused)
+            self.notes.append(f"dropped {len(unused)} initializer(s) nothing reads ({size / 2**20:.2f} MiB)")
+            _replace_repeated(graph.initializer, [t for t in graph.initializer if t.name in read or
+                                                  t.name in self._inputs], TensorProto)
+        written = {name for node in graph.node for name in node.output}
+        if any(v.name not in written for v in graph.value_info):
+            _replace_repeated(graph.value_info, [v for v in graph.value_info if v.name in written],
+                              onnx.ValueInfoProto)
+
+    # -- helpers
+    def _live(self) -> Iterator[onnx.NodeProto]:
+        for node in self._nodes:
+            if id(node) not in self._dropped:
+                yield node
+            yield from self._after.get(id(node), ())
+
+    def _index(self, node: onnx.NodeProto) -> None:
+        for slot, name in enumerate(node.input):
+            if name:
+                self._readers.setdefault(name, []).append((node, slot))
+        for name in node.output:
+            if name:
+                self._producer[name] = node
+
+    def _unindex(self, node: onnx.NodeProto) -> None:
+        for name in node.input:
+            if name:
+                self._readers[name] = [(n, s) for n, s in self._readers[name] if n is not node]
+        for name in node.output:
+            if self._producer.get(name) is node:
+                del self._producer[name]
+
+    def _rewire(self, node: onnx.NodeProto, slot: int, name: str) -> None:
+        self._unindex(node)
+        node.input[slot] = name
+        self._index(node)
+
+    def _reads(self, name: str) -> int:
+        """Reads of ``name``: node inputs, subgraphs, graph outputs."""
+        return len(self._readers.get(name, ())) + self._nested.get(name, 0) + (name in self._outputs)
+
+    def _bias_slot(self, layer: LayerRef, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
+        if node.op_type != "MatMul":
+            return (node, 2) if len(node.input) > 2 and node.input[2] else None
+        if layer.name in self._bias_adds:
+            return self._bias_adds[layer.name]
+        if layer.bias is None:
+            return None
+        add = next(n for n, _ in self._readers[node.output[0]] if n.op_type == "Add")
+        return add, list(add.input).index(layer.bias)
+
+    def _array(self, name: str) -> np.ndarray:
+        if name in self._initializers:
+            return numpy_helper.to_array(self._initializers[name])
+        attr = self._constants[name].attribute[0]
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        return np.asarray(onnx.helper.get_attribute_value(attr), dtype=np.float32)
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        if name in self._initializers:
+            return tuple(self._initializers[name].dims)
+        const = _constant_of(self._constants[name])
+        assert const is not None
+        return const.shape
+
+    def _data_type(self, name: str) -> int:
+        if name in self._initializers:
+            return self._initializers[name].data_type
+        const = _constant_of(self._constants[name])
+        assert const is not None
+        return const.data_type
+
+    def _write(self, name: str, array: np.ndarray) -> None:
+        if name in self._initializers:
+            _set_tensor_data(self._initializers[name], array)
+            return
+        node = self._constants[name]
+        value = node.attribute[0]
+        if value.name != "value":  # value_float(s): becomes a tensor of the same type
+            del node.attribute[:]
+            node.attribute.extend([onnx.helper.make_attribute("value", numpy_helper.from_array(array))])
+        else:
+            _set_tensor_data(value.t, array)
+
+    def _new_initializer(self, base: str, array: np.ndarray) -> str:
+        name = self._fresh(base)
+        tensor = self.model.graph.initializer.add()
+        tensor.CopyFrom(numpy_helper.from_array(array, name))
+        self._initializers[name] = tensor
+        return name
+
+    def _fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self._names:
+            n += 1
+            name = f"{base}_{n}"
+        self._names.add(name)
+        return name
+
+
+def _replace_repeated(field, items: list, message_type) -> None:
+    """Set a repeated message field to ``items`` (which may be its own elements: they are copied first)."""
+    copies = [message_type() for _ in items]
+    for copy, item in zip(copies, items):
+        copy.CopyFrom(item)
+    del field[:]
+    field.extend(copies)
