@@ -174,7 +174,7 @@ def export(
     if fold:
         with stage("fold"):
             result.torch_fold = fuse(adapter, specs, atol=atol, rtol=rtol, seed=seed, reference=reference)
-        result.parity += result.torch_fold.parity
+        result.parity += [Comparison(f"fold {c.label}", c.outputs) for c in result.torch_fold.parity]
         if not result.torch_fold.ok:
             result.stopped = "fold parity"
             return result
