@@ -238,7 +238,8 @@ def _export_and_prove(subject: Adapter, reference: Reference, output: Path, resu
         exported = Path(tmp) / "exported.onnx"
         with stage("export"):
             try:
-                export_onnx(model, inputs, run_model(model, inputs), exported, exporter, opset=opset,
+                runnable = model if isinstance(model, nn.Module) else subject.runnable  # a program: its module
+                export_onnx(model, inputs, run_model(runnable, inputs), exported, exporter, opset=opset,
                             dynamic_batch=dynamic)
             except BnfoldError:
                 raise
