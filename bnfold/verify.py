@@ -370,9 +370,8 @@ def _onnx_checks(report: Report, findings: list[Finding], source: str, compared:
 
 
 def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int, timeout: float) -> Report:
-    """An .onnx file on its own: lint it and run it twice in one onnxruntime session."""
-    import tempfile
-
+    """An .onnx file on its own: lint it and run it twice in one onnxruntime session (through the ONNX adapter:
+    the same loader, input specs and pairing rules as ``bnfold fuse model.onnx``)."""
     import onnx as onnx_lib
 
     from bnfold.inputs import make_inputs
@@ -380,12 +379,10 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
     from bnfold.onnx.runner import run_onnxruntime
 
     start = time.perf_counter()
-    if not path.is_file():
-        raise LoadError(f"{path}: no such file")
+    graph = load(path).model  # external data from the model's own folder only
     try:
-        graph = onnx_lib.load(str(path), load_external_data=False)
         onnx_lib.checker.check_model(str(path))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the checker raises several types; all mean "invalid graph"
         raise LoadError(f"{path}: not a valid ONNX model: {first_line(exc, 200)}",
                         "check that the file is complete (not truncated) and was written by an ONNX exporter") from None
     findings = lint(graph, path.parent)
@@ -393,7 +390,7 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
     report.checks.append(Check("onnx lint", True, f"{len(graph.graph.node)} nodes; " + (
         ", ".join(lint_codes) + " found" if lint_codes else "no training-mode or foldable BatchNormalization"),
         time.perf_counter() - start))
-    specs = _as_specs(example_inputs) or _onnx_specs(graph)
+    specs = _as_specs(example_inputs) or adapter_for(graph).input_specs()
     with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
         run = run_onnxruntime(path, {"determinism": make_inputs(specs, seed)}, Path(tmp), timeout=timeout)
     if run.failure:
@@ -414,20 +411,3 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
     _finish(report)
     report.timings["total"] = time.perf_counter() - start
     return report
-
-
-def _onnx_specs(graph: Any) -> list[InputSpec]:
-    """Input specs from the graph's declared shapes (a symbolic dimension becomes 1)."""
-    from onnx import helper
-
-    initializers = {x.name for x in graph.graph.initializer}
-    specs = []
-    for graph_input in graph.graph.input:
-        if graph_input.name in initializers:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in graph_input.type.tensor_type.shape.dim]
-        if not dims:
-            raise InputSpecError(f"ONNX input {graph_input.name!r} has no shape", SHAPE_HINT)
-        dtype = helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
-        specs.append(InputSpec(tuple(dims), getattr(torch, str(dtype))))
-    return specs
