@@ -6,10 +6,15 @@ the flag or step that fixes it. The CLI prints ``error: <message>`` and ``Note: 
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
 
 def first_line(exc: BaseException, limit: int = 240) -> str:
-    """The first line of an exception's message (its type name when empty), cut to ``limit`` characters."""
-    lines = str(exc).strip().splitlines()
+    """The first line of an exception's message (its type name when empty), without terminal colour codes (the
+    exporters colour theirs), cut to ``limit`` characters."""
+    lines = _ANSI.sub("", str(exc)).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 

@@ -240,3 +240,15 @@ def test_fuse_onnx_bad_input_is_one_line(tmp_path, exported_with_bns, damage):
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and "Traceback" not in result.output and "please report" not in result.output
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("name", sorted(zoo.REFERENCE_MODELS))
+def test_every_reference_model_exports_with_no_foldable_bn_left(tmp_path, name):
+    from bnfold.onnx.fold import discover_graph
+
+    out = tmp_path / f"{name}.onnx"
+    result = export(zoo.build(name), [bnfold.InputSpec(tuple(zoo.REFERENCE_MODELS[name].input_shape))], out,
+                    exporter="torchscript")
+    assert result, (result.stopped, result.notes)
+    assert discover_graph(onnx.load(str(out))).folds == []  # nothing foldable left behind
+    assert bn_count(out) == len(result.left) and all(s.reason for s in result.left)
