@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bnfold.compare import Comparison
-from bnfold.discover.graph import Fold, Skip
+from bnfold.discover.graph import Discovery, Fold, Skip
 from bnfold.errors import InputSpecError
 from bnfold.fold.apply import CannotFold, ModuleHost, apply_fold
 from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs, specs_from_tensors
@@ -107,9 +107,7 @@ def _fuse(adapter: Adapter, runnable: Any, reference: Reference, atol, rtol) -> 
     specs, seed, cases = reference.specs, reference.seed, reference.cases
 
     start = time.perf_counter()
-    draws = [c.inputs for c in cases] + [make_inputs(specs, seed + k) for k in (1, 2, 3)]
-    draws.append(tuple(-t if t.is_floating_point() else t for t in draws[-1]))  # the other sign, too
-    found = adapter.discover(runnable, draws)
+    found = adapter.discover(runnable, _draws(cases, specs, seed))
     timings["discover"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -145,6 +143,34 @@ def _fuse(adapter: Adapter, runnable: Any, reference: Reference, atol, rtol) -> 
         notes=notes,
         timings=timings,
     )
+
+
+def _draws(cases: list[Case], specs: list[InputSpec], seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """What discovery runs (observed discovery needs both sides of data-dependent branches): the comparison
+    inputs, three more seeded draws, and the last one negated."""
+    draws = [c.inputs for c in cases] + [make_inputs(specs, seed + k) for k in (1, 2, 3)]
+    draws.append(tuple(-t if t.is_floating_point() else t for t in draws[-1]))
+    return draws
+
+
+def plan(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpec] | None = None, *, seed: int = 0,
+         method: str = "auto") -> Discovery:
+    """Which BatchNorm folds into what, and why the others do not, without changing anything.
+
+    The same rules as :func:`fuse` (and ``bnfold fuse model.onnx``): ``fuse`` applies exactly this plan, so
+    "foldable" means one thing. ``model`` is any kind bnfold reads (nn.Module, ScriptModule, ExportedProgram,
+    onnx.ModelProto); an ONNX graph needs no example inputs.
+    """
+    adapter = adapter_for(model, method=method)
+    if adapter.kind == "onnx":
+        return adapter.discover(None, [])
+    given = None if not example_inputs or isinstance(example_inputs[0], InputSpec) else tuple(example_inputs)
+    specs = specs_from_tensors(given) if given else list(example_inputs or ()) or adapter.input_specs() or []
+    if not specs:
+        raise InputSpecError("no example inputs were given", SHAPE_HINT)
+    with adapter.evaluating() as runnable:
+        reference = make_reference(runnable, specs, seed, given, adapter.fixed_batch)
+        return adapter.discover(runnable, _draws(reference.cases, specs, seed))
 
 
 def _apply(reference: nn.Module, folds: list[Fold], host_type: type[ModuleHost]):

@@ -104,3 +104,15 @@ def test_input_model_is_not_modified():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert isinstance(model.bn1, torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "special_tiny", "shared_output_tiny", "untraceable_tiny"])
+def test_plan_is_what_fuse_applies(name):
+    # One meaning of "foldable": the public plan and the folds fuse makes are the same decisions.
+    spec = zoo.REFERENCE_MODELS[name]
+    inputs = [bnfold.InputSpec(tuple(spec.input_shape))]
+    found = bnfold.plan(zoo.build(name), inputs)
+    result = bnfold.fuse(zoo.build(name), inputs)
+    assert result.ok
+    assert {f.bn.name for f in found.folds} == {f.bn.name for f in result.folded}
+    assert {s.bn for s in found.skips} <= {s.bn for s in result.skipped}
