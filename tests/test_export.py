@@ -19,7 +19,7 @@ from conftest import sha256
 
 import bnfold
 from bnfold.cli import main
-from bnfold.export import export
+from bnfold.export import ExportError, export
 from models import zoo
 
 SHAPE = {name: ",".join(map(str, spec.input_shape)) for name, spec in zoo.REFERENCE_MODELS.items()}
@@ -242,13 +242,19 @@ def test_fuse_onnx_bad_input_is_one_line(tmp_path, exported_with_bns, damage):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("name", sorted(zoo.REFERENCE_MODELS))
-def test_every_reference_model_exports_with_no_foldable_bn_left(tmp_path, name):
+def test_every_reference_model_exports_with_no_foldable_bn_left(tmp_path, name, exporter):
     from bnfold.onnx.fold import discover_graph
 
     out = tmp_path / f"{name}.onnx"
-    result = export(zoo.build(name), [bnfold.InputSpec(tuple(zoo.REFERENCE_MODELS[name].input_shape))], out,
-                    exporter="torchscript")
+    specs = [bnfold.InputSpec(tuple(zoo.REFERENCE_MODELS[name].input_shape))]
+    if exporter == "dynamo" and not zoo.REFERENCE_MODELS[name].traceable:
+        with pytest.raises(ExportError, match="--exporter torchscript"):  # data-dependent control flow: refused
+            export(zoo.build(name), specs, out, exporter=exporter)
+        assert not out.exists()
+        return
+    result = export(zoo.build(name), specs, out, exporter=exporter)
     assert result, (result.stopped, result.notes)
     assert discover_graph(onnx.load(str(out))).folds == []  # nothing foldable left behind
     assert bn_count(out) == len(result.left) and all(s.reason for s in result.left)
