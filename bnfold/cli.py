@@ -364,20 +364,22 @@ VERIFY_HELP = f"""Catch train/inference-mode bugs and prove ONNX parity: one CI 
 @click.option("--format", "output_format", type=click.Choice(["text", "github"]), default="text", show_default=True,
               help="github: also print GitHub Actions annotations (::error ...).")
 @click.option("--timings", is_flag=True, help="Print the time spent in each stage.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Verify the config's models in this many worker processes (report order unchanged).")
 @DEBUG
 def verify_command(model_path: Path | None, input_shapes: tuple[str, ...], arch: str | None, arch_kwargs: str | None,
                    trust: bool, onnx_path: Path | None, exporter: str, skip_checks: tuple[str, ...],
                    disable: str | None, atol: float | None, rtol: float | None, seed: int, timeout: float | None,
                    data_spec: str | None, config_path: Path | None, json_path: Path | None, junit_path: Path | None,
-                   output_format: str, timings: bool, debug: bool) -> None:
+                   output_format: str, timings: bool, jobs: int, debug: bool) -> None:
     _exit_through(lambda: _run_verify(model_path, input_shapes, arch, arch_kwargs, trust, onnx_path,
                                       exporter, skip_checks, disable, atol, rtol, seed, timeout, data_spec,
-                                      config_path, json_path, junit_path, output_format, timings), debug)
+                                      config_path, json_path, junit_path, output_format, timings, jobs), debug)
 
 
 def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust, onnx_path, exporter, skip_checks,
                 disable, atol, rtol, seed, timeout, data_spec, config_path, json_path, junit_path, output_format,
-                timings) -> int:
+                timings, jobs) -> int:
     from bnfold.config import ModelConfig, find_pyproject, load_config
     from bnfold.report import github_annotations, junit_xml, render_verify, verify_document
     from bnfold.verify import CHECKS, verify
@@ -400,16 +402,24 @@ def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust, onnx_path, e
             inputs[f"--data of {cfg.name}"] = Path(cfg.data)
     check_paths(inputs, {"--json": json_path, "--junit": junit_path})
     status = _status_console()
-    reports = []
-    for i, cfg in enumerate(configs, 1):
-        checks = tuple(c for c in cfg.checks if c in CHECKS and c not in skip_checks)
-        with status.status(f"[{i}/{len(configs)}] verifying {escape(cfg.name)}"):
-            reports.append(verify(cfg.path, cfg.input_specs or None, onnx=cfg.onnx, exporter=cfg.exporter,
-                                  checks=checks, disable=tuple(dict.fromkeys(cfg.disable + disabled)),
-                                  atol=_first(atol, cfg.atol), rtol=_first(rtol, cfg.rtol), seed=cfg.seed,
-                                  arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, trust=trust, name=cfg.name,
-                                  data=data_spec or cfg.data, timeout=_first(timeout, cfg.timeout),
-                                  code_root=cfg.root))
+    calls = [dict(model=cfg.path, example_inputs=cfg.input_specs or None, onnx=cfg.onnx, exporter=cfg.exporter,
+                  checks=tuple(c for c in cfg.checks if c in CHECKS and c not in skip_checks),
+                  disable=tuple(dict.fromkeys(cfg.disable + disabled)), atol=_first(atol, cfg.atol),
+                  rtol=_first(rtol, cfg.rtol), seed=cfg.seed, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, trust=trust,
+                  name=cfg.name, data=data_spec or cfg.data, timeout=_first(timeout, cfg.timeout), code_root=cfg.root)
+             for cfg in configs]
+    if jobs > 1 and len(calls) > 1:
+        from bnfold.parallel import verify_many
+
+        done: list[int] = []
+        with status.status(f"verifying {len(calls)} models in {min(jobs, len(calls))} processes") as spinner:
+            reports = verify_many(calls, jobs, on_done=lambda i: (done.append(i), spinner.update(
+                f"verified {len(done)}/{len(calls)} models (last: {escape(configs[i].name)})")))
+    else:
+        reports = []
+        for i, (cfg, call) in enumerate(zip(configs, calls), 1):
+            with status.status(f"[{i}/{len(configs)}] verifying {escape(cfg.name)}"):
+                reports.append(verify(**call))
     console = _stdout_console()
     render_verify(reports, console, timings=timings)
     if output_format == "github":
