@@ -210,12 +210,14 @@ def _output_path(model_path: Path, fmt: str, output: Path | None) -> Path:
 @JSON
 @click.option("--external-data", is_flag=True, help="ONNX: write the weights to OUT.data beside the graph "
               "(automatic when the input had external data, or past 2 GB).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="ONNX: stop an onnxruntime call after this long [default: 300].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @DEBUG
 def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
                  arch_kwargs: str | None, trust: bool, keep_structure: bool, atol: float | None,
-                 rtol: float | None, seed: int, discovery: str, external_data: bool, json_path: Path | None,
-                 quiet: bool, debug: bool) -> None:
+                 rtol: float | None, seed: int, discovery: str, external_data: bool, timeout: float | None,
+                 json_path: Path | None, quiet: bool, debug: bool) -> None:
     """Fold BatchNorm into conv/linear layers and prove output parity.
 
     \b
@@ -234,14 +236,14 @@ def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str,
       bnfold fuse models/resnet_digits.safetensors --arch models.zoo:resnet_digits --input-shape 8,1,8,8
     """
     _exit_through(lambda: _run_fuse(model_path, output, input_shapes, arch, arch_kwargs, trust,
-                                    keep_structure, atol, rtol, seed, discovery, external_data, json_path, quiet),
-                  debug)
+                                    keep_structure, atol, rtol, seed, discovery, external_data, timeout, json_path,
+                                    quiet), debug)
 
 
 def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
               arch_kwargs: str | None, trust: bool, keep_structure: bool, atol: float | None,
-              rtol: float | None, seed: int, discovery: str, external_data: bool, json_path: Path | None,
-              quiet: bool) -> int:
+              rtol: float | None, seed: int, discovery: str, external_data: bool, timeout: float | None,
+              json_path: Path | None, quiet: bool) -> int:
     console = _stdout_console()
     status = _status_console()
     started = time.perf_counter()
@@ -251,10 +253,11 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
     with status.status(f"loading {escape(str(model_path))}"):
         loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
     if loaded.format == "onnx":
-        return _run_fuse_onnx(loaded.model, model_path, output, specs, atol, rtol, seed, external_data, json_path,
-                              quiet, console, status, started)
-    if external_data:
-        raise InputSpecError("--external-data applies to ONNX files only", "bnfold export writes ONNX files")
+        return _run_fuse_onnx(loaded.model, model_path, output, specs, atol, rtol, seed, external_data, timeout,
+                              json_path, quiet, console, status, started)
+    if external_data or timeout is not None:
+        raise InputSpecError("--external-data and --timeout apply to ONNX files only",
+                             "bnfold export writes ONNX files")
     specs = specs or loaded.input_specs or []
     if not specs:
         raise InputSpecError(f"{model_path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
@@ -288,8 +291,8 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
 
 
 def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: list, atol, rtol, seed: int,
-                   external_data: bool, json_path: Path | None, quiet: bool, console: Console, status: Console,
-                   started: float) -> int:
+                   external_data: bool, timeout: float | None, json_path: Path | None, quiet: bool, console: Console,
+                   status: Console, started: float) -> int:
     from bnfold.onnx.fuse import fuse_onnx
     from bnfold.onnx.io import save_onnx
 
@@ -297,7 +300,7 @@ def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: lis
     data_path = out_path.with_name(out_path.name + ".data")
     check_paths({"MODEL": model_path}, {"-o": out_path, "external data": data_path, "--json": json_path})
     with status.status("folding and comparing in onnxruntime"):
-        result = fuse_onnx(model, model_path, specs or None, atol=atol, rtol=rtol, seed=seed)
+        result = fuse_onnx(model, model_path, specs or None, atol=atol, rtol=rtol, seed=seed, timeout=timeout)
     written = None
     if result.ok:
         with status.status(f"writing {escape(str(out_path))}"):
