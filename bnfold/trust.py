@@ -29,6 +29,7 @@ import io
 import json
 import tokenize
 import zipfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
@@ -54,7 +55,7 @@ def check_zip_sizes(path: str, archive: zipfile.ZipFile) -> None:
     """Refuse a zip whose members declare a total or a compression ratio beyond the documented limits, or whose
     member names are ambiguous (duplicates: Python and torch may read different copies) or escape the archive."""
     names = [info.filename for info in archive.infolist()]
-    duplicates = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+    duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
     if duplicates:
         raise LoadError(f"{path}: member {duplicates[0]!r} appears more than once: readers disagree on which copy "
                         "counts", "re-save the model with torch.save / torch.export.save")
