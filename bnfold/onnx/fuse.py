@@ -17,11 +17,11 @@ import onnx
 import torch
 from onnx import helper
 
-from bnfold.compare import Comparison, compare_output
+from bnfold.compare import compare
 from bnfold.errors import InputSpecError
 from bnfold.fuse import FuseResult
 from bnfold.inputs import SHAPE_HINT, InputSpec
-from bnfold.onnx.runner import OrtFailure, OrtWorker, run_onnxruntime
+from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtFailure, OrtWorker, run_onnxruntime
 from bnfold.runtime import parity_inputs
 
 AS_WRITTEN = 1  # run index in the worker's answer: the session with optimisations off
@@ -124,7 +124,7 @@ def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[Inpu
     folded = fold_graph(model)
     timings["fold"] = time.perf_counter() - start
     names = [o.name for o in model.graph.output]
-    with OrtWorker(**({"timeout": timeout} if timeout else {})) as worker, \
+    with OrtWorker(timeout=timeout or DEFAULT_ORT_TIMEOUT_S) as worker, \
             tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
         start = time.perf_counter()
         if path is None:
@@ -139,12 +139,11 @@ def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[Inpu
         save_onnx(folded.model, candidate)
         got = run_as_written(candidate, cases, worker, Path(tmp))
         timings["compare"] = time.perf_counter() - start
+    folded_names = [o.name for o in folded.model.graph.output]
     parity = []
-    for label, _ in cases:
-        outputs = [] if isinstance(got, OrtFailure) else got[label]
-        comparison = Comparison(label, [compare_output(name, ref, value, atol, rtol)
-                                        for name, ref, value in zip(names, expected[label], outputs)])
-        parity.append(comparison)
+    for label, _ in cases:  # by output name: a missing or extra output fails, it is not zipped away
+        outputs = {} if isinstance(got, OrtFailure) else dict(zip(folded_names, got[label]))
+        parity.append(compare(label, dict(zip(names, expected[label])), outputs, atol, rtol))
     notes = list(folded.notes)
     if isinstance(got, OrtFailure):
         notes.append(f"the folded graph does not run in onnxruntime: {got.message}")
