@@ -8,6 +8,7 @@ Public API::
     folded = bnfold.fold_graph(onnx_model)        # -> the ONNX graph rewrite alone (.model, .folded, .skipped)
     report = bnfold.verify(model, example_inputs)  # -> Report (truthy when deployable; .findings)
     result = bnfold.recalibrate(model, batches)    # -> RecalibrationResult (.model, .layers)
+    table = bnfold.inspect(model, example_inputs)  # -> InspectReport (.rows, .summary): every BN at a glance
 
 ``model`` is an nn.Module, a TorchScript module, a torch.export program or (plan, fuse) an onnx.ModelProto.
 """
@@ -19,6 +20,7 @@ from bnfold.export import ExportResult, export
 from bnfold.findings import CODES, Finding
 from bnfold.fuse import FuseResult, fuse, plan
 from bnfold.inputs import InputSpec
+from bnfold.inspect import InspectReport, inspect
 from bnfold.onnx.fold import fold_graph
 from bnfold.recalibrate import RecalibrationResult, recalibrate
 from bnfold.verify import Report, verify
@@ -26,5 +28,5 @@ from bnfold.verify import Report, verify
 __version__ = "0.1.0"
 
 __all__ = ["CODES", "BnfoldError", "Comparison", "Discovery", "ExportResult", "Finding", "Fold", "FuseResult",
-           "InputSpec", "OutputDiff", "RecalibrationResult", "Report", "Skip", "compare", "export", "fold_graph",
-           "fuse", "plan", "recalibrate", "verify"]
+           "InputSpec", "InspectReport", "OutputDiff", "RecalibrationResult", "Report", "Skip", "compare", "export", "fold_graph",
+           "fuse", "inspect", "plan", "recalibrate", "verify"]

@@ -207,3 +207,87 @@ def render_export(result: Any, console: Console, *, source: str, quiet: bool = F
 
 def export_document(result: Any, **context: Any) -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "command": "export", **context, **result.to_dict()}
+
+
+# -- inspect ------------------------------------------------------------------------------------------------------
+def _range(low: float | None, high: float | None) -> str:
+    return "-" if low is None or high is None else f"{_fmt(low)}..{_fmt(high)}"
+
+
+def _optional(value: Any, fmt: Any = str) -> str:
+    return "-" if value is None else fmt(value)
+
+
+def _bn_cell(row: Any) -> str:
+    """The BN's name, and below it what feeds it and what reads it."""
+    if row.producer is None:
+        return f"[bold]{escape(row.name)}[/bold]"
+    flow = f"{row.producer} -> BN -> {', '.join(row.consumers) or 'nothing'}"
+    return f"[bold]{escape(row.name)}[/bold]\n[dim]{escape(flow)}[/dim]"
+
+
+def _plan_cell(row: Any) -> str:
+    """``folds into conv1 (conv, BN after)`` (+ the BNs merged into the same layer), or ``left: reason``."""
+    if row.fold is None:
+        return f"[yellow]left[/yellow]: {escape(row.reason or '')}"
+    cell = f"[green]folds[/green] into {escape(row.fold.layer.name)} ({row.fold.layer.kind}, BN {row.fold.position})"
+    if row.merged_with:
+        cell += f", merged with {escape(', '.join(row.merged_with))}"
+    return cell
+
+
+def _statistics_cells(row: Any) -> tuple[str, str, str, str, str]:
+    """channels; eps / momentum / tracked; mean / var / gamma ranges; max magnification (channel); dead."""
+    fig = row.figures
+    settings = "\n".join((_optional(row.eps, lambda e: f"{e:.3g}"), _optional(row.momentum, lambda m: f"{m:g}"),
+                          _optional(row.num_batches_tracked)))
+    if fig is None:
+        return "-", settings, "-", "-", "-"
+    ranges = "\n".join((_range(fig.mean_min, fig.mean_max), _range(fig.var_min, fig.var_max),
+                        _range(fig.gamma_min, fig.gamma_max)))
+    magnif = f"{_fmt(fig.magnification_max)} ({fig.magnification_channel})"
+    return str(fig.channels), settings, ranges, magnif, str(fig.dead_channels)
+
+
+def render_inspect(report: Any, console: Console, *, source: str) -> None:
+    """One row per BN in forward order, the drift (worst first) when measured, the flags' meanings, the summary
+    line. No verdict: inspect never judges."""
+    from bnfold.inspect import FLAGS
+
+    table = Table(title=f"BatchNorm inspection: {escape(source)} ({report.kind}, discovery: {report.discovery})",
+                  title_justify="left", expand=False, show_lines=True)
+    table.add_column("BatchNorm\n[dim]producer -> BN -> consumers[/dim]", overflow="fold", ratio=3)
+    table.add_column("plan", overflow="fold", ratio=3, min_width=20)
+    for header in ("ch", "eps\nmomentum\ntracked", "running mean\nrunning var\ngamma", "max magnif.\n(channel)",
+                   "dead"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("risk", overflow="fold", no_wrap=False)
+    for row in report.rows:
+        risk = "\n".join(f"[red]{escape(code)}[/red]" for code in row.flags) or escape(row.note or "")
+        table.add_row(_bn_cell(row), _plan_cell(row), *_statistics_cells(row), risk)
+    if report.rows:
+        console.print(table)
+    else:
+        console.print("No BatchNorm layers found.")
+    if report.drift is not None:
+        drift = Table("BatchNorm", "values/channel", "max mean shift (std)", "max var ratio", title_justify="left",
+                      title=f"Drift from the data's statistics ({report.drift_samples} inputs), worst first")
+        for d in report.drift:
+            drift.add_row(escape(d.name), str(d.samples), _fmt(d.mean_shift), _fmt(d.var_ratio))
+        console.print(drift)
+    for code in dict.fromkeys(code for row in report.rows for code in row.flags):
+        console.print(f"[red]{code}[/red]: {escape(FLAGS[code])}", highlight=False, soft_wrap=True)
+    for note in report.notes:
+        console.print(f"Note: {escape(note)}", highlight=False, soft_wrap=True)
+    console.print(escape(inspect_summary_line(report.summary)), highlight=False, soft_wrap=True)
+
+
+def inspect_summary_line(summary: Any) -> str:
+    """``13 BatchNorm(s): 7 foldable, 6 left (5 not next to a conv/linear; 1 ...), 2 risky``."""
+    groups = "; ".join(f"{count} {reason}" for reason, count in summary.left.items())
+    left = f"{sum(summary.left.values())} left" + (f" ({groups})" if groups else "")
+    return f"{summary.bns} BatchNorm(s): {summary.foldable} foldable, {left}, {summary.risky} risky"
+
+
+def inspect_document(report: Any, **context: Any) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "command": "inspect", **context, **report.to_dict()}

@@ -45,12 +45,20 @@ class Skip:
     reason: str
 
 
+#: How :attr:`Discovery.neighbours` names a graph input (or constant) and the model output.
+MODEL_INPUT, MODEL_OUTPUT = "(input)", "(output)"
+
+
 @dataclass
 class Discovery:
     folds: list[Fold]
     skips: list[Skip]
     method: str  # "fx", "observed", "export", "torchscript"
     notes: list[str] = field(default_factory=list)
+    # What the rules saw, for ``bnfold inspect``: every BN paired, in graph (forward) order, and its producer's
+    # label and its consumers' labels. Empty where a front-end builds its Discovery without pair().
+    bns: list[BNRef] = field(default_factory=list)
+    neighbours: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
 
 
 def unrecognised(discovery: Discovery, stat_paths: list[str]) -> Discovery:
@@ -69,16 +77,22 @@ def unrecognised(discovery: Discovery, stat_paths: list[str]) -> Discovery:
 
 def pair(nodes: dict[int, Node], method: str) -> Discovery:
     """Decide, for every BN node, whether it folds and into what."""
-    folds: list[Fold] = []
-    skips: list[Skip] = []
-    seen: set[str] = set()
+    found = Discovery(folds=[], skips=[], method=method)
     for node in nodes.values():
-        if node.bn is None or node.bn.name in seen:
+        if node.bn is None or node.bn.name in found.neighbours:
             continue
-        seen.add(node.bn.name)
+        found.bns.append(node.bn)
+        found.neighbours[node.bn.name] = _neighbours(node, nodes)
         result = _pair_one(node, nodes)
-        (folds if isinstance(result, Fold) else skips).append(result)
-    return Discovery(folds=folds, skips=skips, method=method)
+        (found.folds if isinstance(result, Fold) else found.skips).append(result)
+    return found
+
+
+def _neighbours(node: Node, nodes: dict[int, Node]) -> tuple[str, list[str]]:
+    """The labels of what feeds ``node`` and of what reads its output."""
+    src = nodes.get(node.input) if node.input is not None else None
+    users = [nodes[u].label for u in node.users if u in nodes] + ([MODEL_OUTPUT] if node.is_output else [])
+    return (src.label if src is not None else MODEL_INPUT), users
 
 
 def _pair_one(node: Node, nodes: dict[int, Node]) -> Fold | Skip:

@@ -141,8 +141,13 @@ def discover(model: nn.Module, input_draws: list[tuple[Any, ...]]) -> Discovery:
     """
     folds: dict[str, Fold] = {}
     skips: dict[str, Skip] = {}
+    bns: dict[str, BNRef] = {}  # every BN, in the order the passes first ran it, and what it read and fed
+    neighbours: dict[str, tuple[str, list[str]]] = {}
     for inputs in input_draws:
         found = observe(model, inputs)
+        for ref in found.bns:
+            bns.setdefault(ref.name, ref)
+            neighbours.setdefault(ref.name, found.neighbours[ref.name])
         for skip in found.skips:
             skips.setdefault(skip.bn, skip)
         for fold in found.folds:
@@ -154,4 +159,6 @@ def discover(model: nn.Module, input_draws: list[tuple[Any, ...]]) -> Discovery:
         folds=[f for name, f in folds.items() if name not in skips],
         skips=list(skips.values()),
         method="observed",
+        bns=list(bns.values()),
+        neighbours=neighbours,
     )

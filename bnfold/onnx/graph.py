@@ -409,7 +409,8 @@ def plan(found: Translation) -> Discovery:
     for skip in paired.skips:
         reason = found.bn_reasons.get(skip.bn) or _neighbour_reason(nodes[key_of[skip.bn]], nodes, found.layer_reasons)
         skips.append(Skip(skip.bn, reason) if reason else skip)
-    return Discovery(folds=folds, skips=skips + found.nested_bns, method="onnx", notes=list(found.notes))
+    return Discovery(folds=folds, skips=skips + found.nested_bns, method="onnx", notes=list(found.notes),
+                     bns=paired.bns, neighbours=paired.neighbours)
 
 
 def _neighbour_reason(node: Node, nodes: dict[int, Node], layer_reasons: dict[int, str]) -> str | None:
