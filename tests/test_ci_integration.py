@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 yaml = pytest.importorskip("yaml")
@@ -16,7 +15,7 @@ yaml = pytest.importorskip("yaml")
 def test_python_dash_m_is_the_command_line():
     done = subprocess.run([sys.executable, "-m", "bnfold", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "Usage: bnfold" in done.stdout
-    for command in ("fuse", "verify", "export", "recalibrate"):
+    for command in ("fuse", "verify", "export", "inspect", "recalibrate"):
         assert command in done.stdout
 
 
