@@ -277,6 +277,15 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
             save_model(result.model, out_format, out_path, make_inputs(specs, seed))
         written = str(out_path)
     result.timings["total"] = time.perf_counter() - started
+    _report_fuse(result, console, model_path, written, json_path, quiet,
+                 input={"path": str(model_path), "format": loaded.format, "shapes": [str(s) for s in specs]},
+                 output={"path": written, "format": out_format if written else None})
+    return exit_code(result)
+
+
+def _report_fuse(result: FuseResult, console: Console, model_path: Path, written: str | None,
+                 json_path: Path | None, quiet: bool, **document: Any) -> None:
+    """The verdict line (-q) or the table and parity lines, and the JSON report."""
     if quiet:
         console.print(("PASSED" if result.ok else "FAILED") + f" | {len(result.folded)} folded, "
                       f"{len(result.skipped)} skipped" + (f" | wrote {escape(written)}" if written else ""),
@@ -284,10 +293,7 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
     else:
         render_fuse(result, console, source=str(model_path), output=written)
     if json_path is not None:
-        write_json(json_path, fuse_document(result, input={"path": str(model_path), "format": loaded.format,
-                                                           "shapes": [str(s) for s in specs]},
-                                            output={"path": written, "format": out_format if written else None}))
-    return exit_code(result)
+        write_json(json_path, fuse_document(result, **document))
 
 
 def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: list, atol, rtol, seed: int,
@@ -307,16 +313,9 @@ def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: lis
             files = save_onnx(result.model, out_path, external_data=external_data or None, source=model_path)
         written = ", ".join(map(str, files))
     result.timings["total"] = time.perf_counter() - started
-    if quiet:
-        console.print(("PASSED" if result.ok else "FAILED") + f" | {len(result.folded)} folded, "
-                      f"{len(result.skipped)} skipped" + (f" | wrote {escape(written)}" if written else ""),
-                      soft_wrap=True)
-    else:
-        render_fuse(result, console, source=str(model_path), output=written)
-    if json_path is not None:
-        write_json(json_path, fuse_document(result, input={"path": str(model_path), "format": "onnx"},
-                                            output={"path": str(out_path) if written else None,
-                                                    "format": "onnx" if written else None}))
+    _report_fuse(result, console, model_path, written, json_path, quiet,
+                 input={"path": str(model_path), "format": "onnx"},
+                 output={"path": str(out_path) if written else None, "format": "onnx" if written else None})
     return exit_code(result)
 
 

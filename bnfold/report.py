@@ -33,6 +33,15 @@ def parity_line(comparison: Comparison, diff: OutputDiff) -> str:
             f"atol {diff.atol:g}, rtol {diff.rtol:g} (min rtol to pass {_fmt(diff.required_rtol)}){problem}")
 
 
+def print_parity(console: Console, comparisons: list[Comparison]) -> None:
+    """One Polygraphy-style line per output and case, green when it passed."""
+    for comparison in comparisons:
+        for diff in comparison.outputs:
+            style = "green" if diff.passed else "red"
+            console.print(f"[{style}]{escape(parity_line(comparison, diff))}[/{style}]", highlight=False,
+                          soft_wrap=True)
+
+
 def render_fuse(result: FuseResult, console: Console, *, source: str, output: str | None) -> None:
     table = Table(title=f"BatchNorm folding: {escape(source)}", title_justify="left", expand=False)
     table.add_column("BatchNorm", style="bold")
@@ -52,11 +61,7 @@ def render_fuse(result: FuseResult, console: Console, *, source: str, output: st
     if result.was_training:
         console.print("Note: the model was handed over in training mode; it was folded and compared in eval mode",
                       highlight=False, soft_wrap=True)
-    for comparison in result.parity:
-        for diff in comparison.outputs:
-            style = "green" if diff.passed else "red"
-            console.print(f"[{style}]{escape(parity_line(comparison, diff))}[/{style}]", highlight=False,
-                          soft_wrap=True)
+    print_parity(console, result.parity)
     summary = f"{len(result.folded)} folded, {len(result.skipped)} skipped (discovery: {result.discovery})"
     if result.ok:
         console.print(f"[green]PASSED[/green] | {summary}" + (f" | wrote {escape(output)}" if output else ""),
@@ -184,11 +189,7 @@ def render_export(result: Any, console: Console, *, source: str, quiet: bool = F
             where = escape(finding.module or "(model)")
             console.print(f"[{style}]{finding.code} {finding.severity}[/{style}] {where}: {escape(finding.message)}",
                           highlight=False, soft_wrap=True)
-        for comparison in result.parity:
-            for diff in comparison.outputs:
-                style = "green" if diff.passed else "red"
-                console.print(f"[{style}]{escape(parity_line(comparison, diff))}[/{style}]", highlight=False,
-                              soft_wrap=True)
+        print_parity(console, result.parity)
         for skip in result.left:
             console.print(f"left in the graph: {escape(skip.bn)}: {escape(skip.reason)}", highlight=False,
                           soft_wrap=True)

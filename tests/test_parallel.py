@@ -9,21 +9,12 @@ import signal
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
+from test_cli_verify import _net  # the same small conv net
 
 import bnfold
 from bnfold.cli import main
 from bnfold.errors import BnfoldError
 from bnfold.parallel import verify_many
-from models.zoo import randomize_bn_statistics
-
-
-def _net(trained: bool) -> nn.Module:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 8 * 8, 3))
-    if trained:
-        randomize_bn_statistics(model, torch.Generator().manual_seed(0))
-    return model.eval()
 
 
 def crash_on_bad(**kwargs):
