@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import click
 import torch
+from onnx.defs import onnx_opset_version
 from rich.console import Console
 from rich.markup import escape
 
@@ -300,11 +301,12 @@ def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: lis
                    external_data: bool, timeout: float | None, json_path: Path | None, quiet: bool, console: Console,
                    status: Console, started: float) -> int:
     from bnfold.onnx.fuse import fuse_onnx
-    from bnfold.onnx.io import save_onnx
+    from bnfold.onnx.io import external_data_files, save_onnx
 
     out_path = _output_path(model_path, "onnx", output)
     data_path = out_path.with_name(out_path.name + ".data")
-    check_paths({"MODEL": model_path}, {"-o": out_path, "external data": data_path, "--json": json_path})
+    inputs = {"MODEL": model_path, **{f"MODEL's data file {p.name}": p for p in external_data_files(model_path)}}
+    check_paths(inputs, {"-o": out_path, "external data": data_path, "--json": json_path})
     with status.status("folding and comparing in onnxruntime"):
         result = fuse_onnx(model, model_path, specs or None, atol=atol, rtol=rtol, seed=seed, timeout=timeout)
     written = None
@@ -397,9 +399,14 @@ def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust, onnx_path, e
     else:
         pyproject = config_path or find_pyproject(Path.cwd())
         configs = load_config(pyproject, trust=trust)
+    from bnfold.onnx.io import external_data_files
+
     inputs: dict[str, Path | None] = {"--config": pyproject}
     for cfg in configs:
         inputs.update({f"model {cfg.name}": cfg.path, f"--onnx of {cfg.name}": cfg.onnx})
+        for graph in (cfg.path, cfg.onnx):
+            if graph is not None and Path(graph).is_file():
+                inputs.update({f"data file {p.name} of {cfg.name}": p for p in external_data_files(graph)})
         if cfg.data and Path(cfg.data).exists():
             inputs[f"--data of {cfg.name}"] = Path(cfg.data)
     check_paths(inputs, {"--json": json_path, "--junit": junit_path})
@@ -451,7 +458,8 @@ def _first(*values: Any) -> Any:
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="dynamo: torch.export-based, maintained, refuses data-dependent control flow; torchscript: "
                    "fast, deprecated, records the branch its example input took.")
-@click.option("--opset", type=click.IntRange(min=9), help="ONNX opset [default: the exporter's].")
+@click.option("--opset", type=click.IntRange(min=9, max=onnx_opset_version()),
+              help="ONNX opset, 9 to the newest the installed onnx knows [default: the exporter's].")
 @click.option("--static-batch", is_flag=True, help="Fix the batch size to the example's [default: symbolic].")
 @click.option("--fp16", is_flag=True, help="Write a float16 graph (folded in float64 first, cast once).")
 @click.option("--keep-io-types", is_flag=True, help="With --fp16: keep float32 inputs and outputs.")

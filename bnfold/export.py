@@ -151,6 +151,10 @@ def export(
         raise InputSpecError(f"unknown exporter {exporter!r}", f"use one of {', '.join(EXPORTERS)}")
     if keep_io_types and not fp16:
         raise InputSpecError("--keep-io-types applies to --fp16 exports only")
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not 9 <= opset <= newest:
+        raise InputSpecError(f"--opset {opset}: bnfold exports opsets 9 to {newest} (the newest the installed onnx "
+                             "knows)")
     given = None if not example_inputs or isinstance(example_inputs[0], InputSpec) else tuple(example_inputs)
     specs = specs_from_tensors(given) if given else list(example_inputs or ())
     adapter = adapter_for(model)
@@ -249,6 +253,10 @@ def _export_and_prove(subject: Adapter, reference: Reference, output: Path, resu
                                   f"try --exporter {other}, or --debug for the exporter's own output") from None
         with stage("graph fold"):
             graph = load_onnx(exported)
+            written = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+            if opset is not None and written != opset:  # an exporter that quietly wrote another opset
+                raise ExportError(f"asked for opset {opset}, the {exporter} exporter wrote opset {written}",
+                                  "choose an opset the exporter supports, or omit --opset")
             if fold:
                 folded = fold_graph(graph)
                 graph, result.graph_folded = folded.model, list(folded.folded)

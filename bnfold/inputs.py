@@ -193,10 +193,26 @@ def _draw(spec: InputSpec, generator: torch.Generator) -> torch.Tensor:
     return values.clamp(*_float_limits(float(spec.low), float(spec.high), spec.dtype))
 
 
+#: Elements one drawn input may hold (1 GiB of float32): a declared shape beyond it is a mistake or an attack.
+MAX_INPUT_ELEMENTS = 2**28
+
+
+def _check_size(spec: InputSpec) -> None:
+    elements = 1
+    for dim in spec.shape:
+        elements *= dim
+    if elements > MAX_INPUT_ELEMENTS:
+        raise InputSpecError(f"input shape {spec} holds {elements:,} elements (limit {MAX_INPUT_ELEMENTS:,})",
+                             "pass a smaller --input-shape (the batch and any symbolic dimension are yours to choose)")
+
+
 def make_inputs(specs: list[InputSpec], seed: int, batch: int | None = None) -> tuple[torch.Tensor, ...]:
     """Seeded inputs, one per spec (with its batch replaced by ``batch`` when given), from one generator."""
     generator = torch.Generator().manual_seed(seed)
-    return tuple(_draw(spec.with_batch(batch) if batch is not None else spec, generator) for spec in specs)
+    specs = [spec.with_batch(batch) if batch is not None else spec for spec in specs]
+    for spec in specs:
+        _check_size(spec)
+    return tuple(_draw(spec, generator) for spec in specs)
 
 
 def specs_from_tensors(tensors: tuple[torch.Tensor, ...]) -> list[InputSpec]:

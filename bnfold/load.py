@@ -15,6 +15,7 @@ import logging
 import os
 import struct
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,8 @@ def load(path: str | os.PathLike[str], *, arch: str | None = None, arch_kwargs: 
                         "the file was probably cut short while copying or saving; copy or save it again")
     _check_archive(path, kind, trust)
     try:
-        with _quiet_torch_logs():
+        with _quiet_torch_logs(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's and onnx's warnings about the file: bnfold's error says it
             return _load_kind(path, kind, arch, arch_kwargs, trust, Path(code_root or os.getcwd()))
     except LoadError:
         raise

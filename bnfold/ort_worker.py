@@ -103,7 +103,20 @@ def _protocol_channel() -> TextIO:
     return channel
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel stops this process when its parent dies, however it dies (SIGKILL included), so a
+    graph that loops for hours never outlives the bnfold that started it."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's timeout and kill still apply
+        pass
+
+
 def serve() -> int:
+    _die_with_parent()
     channel = _protocol_channel()
     import onnxruntime  # noqa: F401 - the slow import happens now, while the parent works
 

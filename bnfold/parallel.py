@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import signal
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -19,9 +21,20 @@ from typing import Any
 from bnfold.errors import BnfoldError
 from bnfold.verify import Check, Report
 
+#: Seconds an interrupted worker gets to clean up before it is killed.
+_GRACE_S = 10.0
+
 
 def _worker(connection: Any, function: Callable[..., Report], kwargs: dict[str, Any]) -> None:
-    """Run one verification and send back ("report", Report), ("usage", message, hint) or ("bug", text)."""
+    """Run one verification and send back ("report", Report), ("usage", message, hint) or ("bug", text).
+
+    SIGTERM unwinds the verification (its onnxruntime child and temp folders are cleaned up on the way out)."""
+    from bnfold.cli import Terminated
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         connection.send(("report", function(**kwargs)))
     except BnfoldError as exc:
@@ -56,11 +69,21 @@ def verify_many(jobs: list[dict[str, Any]], workers: int, function: Callable[...
                 running[index] = (process, receive)
             _collect(running, results, on_done)
     finally:
-        for process, receive in running.values():  # interrupted: no orphan keeps running
+        _stop(running)
+    return [_report(jobs[i], results[i]) for i in range(len(jobs))]
+
+
+def _stop(running: dict[int, tuple[Any, Any]]) -> None:
+    """Interrupted: ask every worker to stop (it removes its own children and temp folders), then make sure."""
+    for process, _ in running.values():
+        process.terminate()
+    deadline = time.monotonic() + _GRACE_S
+    for process, receive in running.values():
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
             process.kill()
             process.join()
-            receive.close()
-    return [_report(jobs[i], results[i]) for i in range(len(jobs))]
+        receive.close()
 
 
 def _collect(running: dict[int, tuple[Any, Any]], results: dict[int, tuple[Any, ...]],

@@ -63,9 +63,11 @@ def parity_inputs(specs: list[InputSpec], seed: int, given: tuple[torch.Tensor, 
             return [(f"batch {given[0].shape[0]}", tuple(given))]
         cases = [("batch 1", tuple(t[:1] for t in given))]
         return cases + ([(f"batch {given[0].shape[0]}", tuple(given))] if given[0].shape[0] > 1 else [])
+    if not specs or not specs[0].shape:  # no inputs, or a scalar first input: there is no batch axis to vary
+        return [("as declared", make_inputs(specs, seed))]
     if fixed_batch:
         return [(f"batch {specs[0].shape[0]}", make_inputs(specs, seed))]
-    batches = sorted({1, specs[0].shape[0] if specs and specs[0].shape else 1})
+    batches = sorted({1, specs[0].shape[0]})
     return [(f"batch {b}", make_inputs(specs, seed, batch=b)) for b in batches]
 
 

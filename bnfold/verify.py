@@ -132,6 +132,10 @@ def verify(
     if onnx is not None and not Path(onnx).is_file():
         raise LoadError(f"--onnx {onnx}: no such file", "pass the path of an existing .onnx file, or omit --onnx to "
                         "export one")
+    if onnx is not None:
+        from bnfold.onnx.io import load_onnx
+
+        load_onnx(onnx)  # a file bnfold cannot read safely (not ONNX, data outside its folder) stops here
     loaded = (load(model, arch=arch, arch_kwargs=arch_kwargs, trust=trust, code_root=code_root)
               if isinstance(model, (str, os.PathLike)) else Loaded(model, "module", Path(report.model)))
     report.timings["load"] = time.perf_counter() - start
@@ -390,6 +394,10 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
     report.checks.append(Check("onnx lint", True, f"{len(graph.graph.node)} nodes; " + (
         ", ".join(lint_codes) + " found" if lint_codes else "no training-mode or foldable BatchNormalization"),
         time.perf_counter() - start))
+    from bnfold.onnx.fuse import graph_inputs
+
+    if not graph_inputs(graph):
+        raise InputSpecError(f"{path}: the graph takes no inputs: its outputs are constants, nothing to verify")
     specs = _as_specs(example_inputs) or adapter_for(graph).input_specs()
     with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
         run = run_onnxruntime(path, {"determinism": make_inputs(specs, seed)}, Path(tmp), timeout=timeout)

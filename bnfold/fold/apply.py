@@ -15,6 +15,7 @@ check below casts to ``dtype(path)`` first, so it judges the values as they will
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol
 
 import torch
@@ -58,6 +59,8 @@ def bn_params(host: TensorHost, ref: BNRef) -> BNParams:
             bad = int((~torch.isfinite(t)).nonzero()[0, 0])
             raise CannotFold(f"{label} is not finite (channel {bad} = {t.flatten()[bad].item()}): the statistics "
                              "are broken, re-estimate them before folding")
+    if not math.isfinite(params.eps):
+        raise CannotFold(f"epsilon is not finite ({params.eps}): the BN is broken, re-export it")
     if (params.var + params.eps < 0).any():
         raise CannotFold("running_var + eps is negative")
     return params
@@ -142,6 +145,9 @@ def apply_fold(host: TensorHost, fold: Fold) -> None:
     host.check(fold)
     weight = host.get(layer.weight)
     bias = host.get(layer.bias) if layer.bias else None
+    for label, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise CannotFold(f"the {label} of {layer.name} is not finite (NaN/Inf): it is broken before any folding")
     try:
         if fold.position == "after":
             groups = layer.groups if layer.kind == "conv_transpose" else 1

@@ -18,7 +18,7 @@ import torch
 from onnx import helper
 
 from bnfold.compare import compare
-from bnfold.errors import InputSpecError
+from bnfold.errors import InputSpecError, LoadError, first_line
 from bnfold.fuse import FuseResult
 from bnfold.inputs import SHAPE_HINT, InputSpec
 from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtFailure, OrtWorker, run_onnxruntime
@@ -88,15 +88,37 @@ def _torch_dtype(elem_type: int, name: str) -> torch.dtype:
         numpy_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
         return torch.from_numpy(np.zeros(0, dtype=numpy_dtype)).dtype
     except (KeyError, TypeError, ValueError):
-        raise InputSpecError(f"ONNX input {name!r} has element type {onnx.TensorProto.DataType.Name(elem_type)}, "
-                             "which bnfold cannot draw inputs for", SHAPE_HINT) from None
+        known = elem_type in onnx.TensorProto.DataType.values()
+        label = onnx.TensorProto.DataType.Name(elem_type) if known else f"{elem_type} (not an ONNX type)"
+        raise InputSpecError(f"ONNX input {name!r} has element type {label}, which bnfold cannot draw inputs for",
+                             SHAPE_HINT) from None
+
+
+def _check_valid(model: onnx.ModelProto, path: Path | None) -> None:
+    """The input must pass onnx.checker (by path: a model past 2 GB cannot be checked in memory)."""
+    try:
+        onnx.checker.check_model(str(path) if path is not None else model)
+    except Exception as exc:  # noqa: BLE001 - the checker raises several types; all mean "invalid graph"
+        raise LoadError(f"{path or 'the model'}: not a valid ONNX model: {first_line(exc, 200)}",
+                        "re-export it; bnfold folds graphs that pass onnx.checker") from None
+
+
+def _checker_failure(path: Path) -> OrtFailure | None:
+    """The folded graph must pass onnx.checker's full check before it is compared (and ever written)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - the checker raises several types; all mean "invalid graph"
+        return OrtFailure("load", f"onnx.checker refuses the folded graph: {first_line(exc, 300)}")
+    return None
 
 
 def comparison_cases(specs: list[InputSpec], symbolic_batch: bool, seed: int) -> list[tuple[str, tuple]]:
     """Batch 1 and another size when the batch axis is symbolic; the graph's own batch otherwise."""
-    if symbolic_batch and specs and specs[0].shape and specs[0].shape[0] == 1:
+    if not symbolic_batch or not specs or not specs[0].shape:
+        return parity_inputs(specs, seed, fixed_batch=True)
+    if specs[0].shape[0] == 1:
         specs = [spec.with_batch(2) for spec in specs]
-    return parity_inputs(specs, seed, fixed_batch=not symbolic_batch)
+    return parity_inputs(specs, seed)
 
 
 def run_as_written(path: Path, cases: list[tuple[str, tuple]], worker: OrtWorker, workdir: Path
@@ -117,6 +139,10 @@ def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[Inpu
     from bnfold.onnx.fold import fold_graph
     from bnfold.onnx.io import save_onnx
 
+    if not graph_inputs(model):
+        raise InputSpecError("the graph takes no inputs: its outputs are constants, so there is nothing to compare",
+                             "fold the graph it was made from, or run onnxruntime's constant folding on it")
+    _check_valid(model, path)
     specs, symbolic_batch = input_specs(model, specs)
     cases = comparison_cases(specs, symbolic_batch, seed)
     timings: dict[str, float] = {}
@@ -137,7 +163,8 @@ def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[Inpu
         candidate = Path(tmp) / "folded" / path.name
         candidate.parent.mkdir()
         save_onnx(folded.model, candidate)
-        got = run_as_written(candidate, cases, worker, Path(tmp))
+        invalid = _checker_failure(candidate)
+        got = invalid or run_as_written(candidate, cases, worker, Path(tmp))
         timings["compare"] = time.perf_counter() - start
     folded_names = [o.name for o in folded.model.graph.output]
     parity = []

@@ -173,12 +173,51 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
     model = _parse(path)
     check_supported(model)
     _load_external(model, path.parent)
+    _check_sizes(model)
     return model
 
 
 def has_external_data(path: Path | str) -> bool:
     """Whether the model at ``path`` keeps tensors in external files."""
     return any(_is_external(t) for t in _all_tensors(_parse(Path(path))))
+
+
+def external_data_files(path: Path | str) -> list[Path]:
+    """The data files the model at ``path`` reads (inputs too: no output may be written over them).
+
+    Empty for a file that is not an ONNX model (its own loader says why)."""
+    path = Path(path)
+    try:
+        model = _parse(path)
+        return sorted({_data_file(path.parent, t) for t in _all_tensors(model) if _is_external(t)})
+    except LoadError:
+        return []
+
+
+def _check_sizes(model: onnx.ModelProto) -> None:
+    """Every tensor holds as many elements as its dims declare (a tensor declaring 10^12 elements on 3 floats
+    would otherwise fail deep inside numpy)."""
+    for tensor in _all_tensors(model):
+        declared = 1
+        for dim in tensor.dims:
+            declared *= int(dim)
+        if any(int(d) < 0 for d in tensor.dims) or declared > 2**40:
+            raise LoadError(f"tensor '{tensor.name}' declares dims {list(tensor.dims)}: not a real tensor",
+                            "the file is damaged or crafted; re-export the model")
+        if not tensor.HasField("raw_data") or tensor.data_type in _PACKED_TYPES:
+            continue  # typed fields (float_data...) are checked by numpy_helper, packed types pack elements
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue  # strings and unknown types: nothing bnfold folds
+        if len(tensor.raw_data) != declared * itemsize:
+            raise LoadError(f"tensor '{tensor.name}' declares {declared:,} elements ({list(tensor.dims)}) but holds "
+                            f"{len(tensor.raw_data):,} bytes", "the file is damaged or crafted; re-export the model")
+
+
+#: 4-bit and 2-bit types pack several elements a byte: their raw size is not dims x itemsize.
+_PACKED_TYPES = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                 if hasattr(TensorProto, n)}
 
 
 # -- writing -------------------------------------------------------------------------------------------------
