@@ -28,5 +28,5 @@ from bnfold.verify import Report, verify
 __version__ = "0.1.0"
 
 __all__ = ["CODES", "BnfoldError", "Comparison", "Discovery", "ExportResult", "Finding", "Fold", "FuseResult",
-           "InputSpec", "InspectReport", "OutputDiff", "RecalibrationResult", "Report", "Skip", "compare", "export", "fold_graph",
-           "fuse", "inspect", "plan", "recalibrate", "verify"]
+           "InputSpec", "InspectReport", "OutputDiff", "RecalibrationResult", "Report", "Skip", "compare", "export",
+           "fold_graph", "fuse", "inspect", "plan", "recalibrate", "verify"]

@@ -308,7 +308,8 @@ def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: lis
     inputs = {"MODEL": model_path, **{f"MODEL's data file {p.name}": p for p in external_data_files(model_path)}}
     check_paths(inputs, {"-o": out_path, "external data": data_path, "--json": json_path})
     with status.status("folding and comparing in onnxruntime"):
-        result = fuse_onnx(model, model_path, specs or None, atol=atol, rtol=rtol, seed=seed, timeout=timeout)
+        result = fuse_onnx(model, model_path, specs or None, atol=atol, rtol=rtol, seed=seed, timeout=timeout,
+                           consume=True)
     written = None
     if result.ok:
         with status.status(f"writing {escape(str(out_path))}"):

@@ -35,16 +35,20 @@ def discover_graph(model: onnx.ModelProto) -> Discovery:
     return plan(translate(model))
 
 
-def fold_graph(model: onnx.ModelProto) -> OnnxFoldResult:
-    """Fold every BatchNormalization that folds; ``model`` is not modified.
+def fold_graph(model: onnx.ModelProto, *, copy: bool = True) -> OnnxFoldResult:
+    """Fold every BatchNormalization that folds; ``model`` is not modified unless ``copy=False`` (then it is
+    folded in place and returned as ``result.model``: one model in memory instead of two, for callers that
+    have no further use for the original, such as ``bnfold fuse model.onnx``).
 
     The result keeps the graph's input and output names, opset imports, metadata, doc strings and producer
     fields, and drops initializers nothing reads any more. A fold that the tensors refuse (statistics that are
     not finite, weights that overflow their dtype) becomes a skip with its reason.
     """
     check_supported(model)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work = model
+    if copy:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
     found = plan(translate(work))
     host = OnnxHost(work)
     folded: list[Fold] = []

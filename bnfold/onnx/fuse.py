@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -132,9 +133,11 @@ def run_as_written(path: Path, cases: list[tuple[str, tuple]], worker: OrtWorker
 
 def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[InputSpec] | None = None, *,
               atol: float | None = None, rtol: float | None = None, seed: int = 0,
-              timeout: float | None = None) -> FuseResult:
+              timeout: float | None = None, consume: bool = False) -> FuseResult:
     """Fold ``model`` (read from ``path``; None: it is written to a temporary folder to run it) and compare the
-    folded graph with it in onnxruntime. ``model`` is not modified; ``result.model`` is the folded ``ModelProto``.
+    folded graph with it in onnxruntime. ``result.model`` is the folded ``ModelProto``; ``model`` is not modified
+    unless ``consume`` (it is then folded in place: one model in memory, for a caller done with the original,
+    which onnxruntime reads from ``path``).
     """
     from bnfold.onnx.fold import fold_graph
     from bnfold.onnx.io import save_onnx
@@ -145,26 +148,34 @@ def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[Inpu
     _check_valid(model, path)
     specs, symbolic_batch = input_specs(model, specs)
     cases = comparison_cases(specs, symbolic_batch, seed)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    folded = fold_graph(model)
-    timings["fold"] = time.perf_counter() - start
     names = [o.name for o in model.graph.output]
-    with OrtWorker(timeout=timeout or DEFAULT_ORT_TIMEOUT_S) as worker, \
-            tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
-        start = time.perf_counter()
-        if path is None:
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
+        if path is None:  # onnxruntime reads the original from a file: write it before anything changes
             path = Path(tmp) / "original" / "model.onnx"
             path.parent.mkdir()
             save_onnx(model, path)
-        expected = run_as_written(path, cases, worker, Path(tmp))
+        start = time.perf_counter()
+        folded = fold_graph(model, copy=not consume)
+        timings["fold"] = time.perf_counter() - start
+        return _prove(folded, path, names, cases, Path(tmp), atol, rtol, timeout, timings)
+
+
+def _prove(folded: Any, path: Path, names: list[str], cases: list[tuple[str, tuple]], tmp: Path, atol, rtol,
+           timeout: float | None, timings: dict[str, float]) -> FuseResult:
+    """Run the original (``path``) and the folded graph in onnxruntime, optimisations off, and compare."""
+    from bnfold.onnx.io import save_onnx
+
+    with OrtWorker(timeout=timeout or DEFAULT_ORT_TIMEOUT_S) as worker:
+        start = time.perf_counter()
+        expected = run_as_written(path, cases, worker, tmp)
         if isinstance(expected, OrtFailure):
             raise InputSpecError(f"onnxruntime cannot run {path}: {expected.message}", expected.advice)
-        candidate = Path(tmp) / "folded" / path.name
+        candidate = tmp / "folded" / path.name
         candidate.parent.mkdir()
         save_onnx(folded.model, candidate)
         invalid = _checker_failure(candidate)
-        got = invalid or run_as_written(candidate, cases, worker, Path(tmp))
+        got = invalid or run_as_written(candidate, cases, worker, tmp)
         timings["compare"] = time.perf_counter() - start
     folded_names = [o.name for o in folded.model.graph.output]
     parity = []
