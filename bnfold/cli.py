@@ -182,8 +182,12 @@ MODEL_OPTIONS = _options(INPUT_SHAPE, ARCH, ARCH_KWARGS, TRUST)
 def main() -> None:
     """bnfold: make BatchNorm safe to ship.
 
-    Folds BatchNorm into neighbouring conv/linear weights and proves that the folded model's outputs match
-    the original eval-mode model's.
+    \b
+    verify       catch train/inference-mode bugs and prove fold and ONNX parity (a CI gate)
+    fuse         fold BatchNorm into conv/linear weights (PyTorch or ONNX) and prove parity
+    export       write a folded ONNX file, proven in onnxruntime against the PyTorch eval model
+    inspect      every BatchNorm at a glance: plan, statistics, risks, drift
+    recalibrate  re-estimate running statistics on data ("precise BN")
 
     \b
     Exit codes: 0 success, 1 parity outside tolerance (nothing written), 2 bad input (one-line error),
