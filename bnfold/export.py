@@ -158,6 +158,9 @@ def export(
     given = None if not example_inputs or isinstance(example_inputs[0], InputSpec) else tuple(example_inputs)
     specs = specs_from_tensors(given) if given else list(example_inputs or ())
     adapter = adapter_for(model)
+    if adapter.kind == "onnx":
+        raise InputSpecError("the model is already an ONNX graph: there is nothing to export",
+                             "bnfold fuse model.onnx folds it and proves the result in onnxruntime")
     specs = specs or adapter.input_specs() or []
     if not specs:
         raise InputSpecError("no example inputs: bnfold export needs the input shape", SHAPE_HINT)
