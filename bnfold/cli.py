@@ -517,6 +517,9 @@ def _run_export(model_path, output, input_shapes, arch, arch_kwargs, trust, expo
     status = _status_console()
     with status.status(f"loading {escape(str(model_path))}"):
         loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+    if loaded.format == "onnx":
+        raise InputSpecError(f"{model_path} is already an ONNX graph: there is nothing to export",
+                             f"bnfold fuse {model_path} folds it and proves the result in onnxruntime")
     specs = specs or loaded.input_specs or []
     if not specs:
         raise InputSpecError(f"{model_path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
