@@ -141,6 +141,9 @@ def verify(
     report.timings["load"] = time.perf_counter() - start
     report.notes += loaded.notes
     adapter = adapter_for(loaded.model)
+    if adapter.kind == "onnx":
+        raise InputSpecError("bnfold.verify takes an ONNX graph by its path (the graph-only checks read the file)",
+                             "pass the .onnx file's path, or the torch model with onnx=PATH to compare them")
     specs = _specs(example_inputs, loaded, adapter)
     given = _given(example_inputs)
     handed_in_training = adapter.was_training()
