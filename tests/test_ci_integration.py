@@ -6,10 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import yaml  # the test extra installs pyyaml
 from conftest import ROOT
-
-yaml = pytest.importorskip("yaml")
 
 
 def test_python_dash_m_is_the_command_line():
