@@ -391,8 +391,6 @@ g (float[N,2,4,4] x) => (float[N,3,4,4] y1, float[N,3,4,4] y2) {
 }"""
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a node explicitly named like another node's generated label "
-                   "(Conv#0) collides with it; parity catches the wrong fold (exit 1, nothing written)")
 def test_node_named_like_another_nodes_label_folds_both_correctly():
     """Attack: the first Conv/BN pair is unnamed (labels "Conv#0", "BatchNormalization#1") and the second pair is
     *named* "Conv#0" / "BatchNormalization#1" (valid: ONNX node names are unique, the first ones are empty).

@@ -17,7 +17,8 @@ they serve modules.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -54,8 +55,16 @@ _SHAPE_ONLY_ABOVE = 1024
 
 
 def node_label(node: onnx.NodeProto, index: int) -> str:
-    """What a user sees for a node: its name, or ``OpType#index`` when it has none."""
+    """What a user sees for a node: its name, or ``OpType#index`` when it has none (see :func:`node_labels`)."""
     return node.name or f"{node.op_type}#{index}"
+
+
+def node_labels(nodes: Sequence[onnx.NodeProto]) -> list[str]:
+    """One label per node, unique: names need not be (nor differ from another node's ``OpType#index``), and
+    folds are applied by label, so a label shared by two nodes is suffixed with ``@index`` on both."""
+    labels = [node_label(node, index) for index, node in enumerate(nodes)]
+    counts = Counter(labels)
+    return [f"{label}@{index}" if counts[label] > 1 else label for index, label in enumerate(labels)]
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:
@@ -183,7 +192,7 @@ class GraphIndex:
                 nested.setdefault(name, []).append(index)
         return cls(constants, frozenset(t.name for t in graph.initializer), frozenset(i.name for i in graph.input),
                    frozenset(o.name for o in graph.output), producer, readers, nested,
-                   [node_label(n, i) for i, n in enumerate(graph.node)])
+                   node_labels(graph.node))
 
     def not_constant(self, name: str, role: str) -> str | None:
         """Why ``name`` is not a constant a fold can rewrite (``role`` names it for the user); None when it is."""
@@ -497,7 +506,7 @@ class OnnxHost:
         self.model = model
         graph = model.graph
         self._nodes = list(graph.node)  # references into the graph: edited in place, listed again by finish()
-        self._by_label = {node_label(n, i): n for i, n in enumerate(self._nodes)}
+        self._by_label = dict(zip(node_labels(self._nodes), self._nodes))
         self._dropped: set[int] = set()  # id() of removed nodes
         self._after: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes inserted right after it
         self._initializers = {t.name: t for t in graph.initializer}

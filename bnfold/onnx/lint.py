@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.findings import Finding
-from bnfold.onnx.graph import node_label
+from bnfold.onnx.graph import node_labels
 
 
 def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
@@ -25,8 +25,7 @@ def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
 
     findings = []
     values = _default_values(model.graph)
-    for index, node in enumerate(model.graph.node):
-        name = node_label(node, index)
+    for name, node in zip(node_labels(model.graph.node), model.graph.node):
         if node.op_type == "BatchNormalization":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             if attrs.get("training_mode", 0) == 1 or len(node.output) > 1:
