@@ -507,8 +507,6 @@ def test_interrupted_parallel_verify_leaves_no_onnxruntime_worker_and_no_temp_fo
 
 # -- Ctrl-C at any time ----------------------------------------------------------------------------------------------
 @POSIX
-@pytest.mark.xfail(strict=True, reason="known gap: `import bnfold` imports torch before any command can install its "
-                   "signal handling; a Ctrl-C in that first second shows Python's traceback (nothing is written)")
 def test_ctrl_c_while_bnfold_starts_prints_no_traceback(tmp_path):
     """Attack: Ctrl-C in the first second (while bnfold imports torch), e.g. a user who typed the wrong file.
     Expected: exit 130 (or killed by SIGINT) and no traceback. Today a KeyboardInterrupt traceback through
