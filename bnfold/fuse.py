@@ -73,7 +73,8 @@ def fuse(
 ) -> FuseResult:
     """Fold every BatchNorm of ``model`` that can be folded and prove the result matches.
 
-    ``model`` is an ``nn.Module``, a TorchScript module or a ``torch.export`` program. ``example_inputs``
+    ``model`` is an ``nn.Module``, a TorchScript module, a ``torch.export`` program, or an ``onnx.ModelProto``
+    (folded by :func:`bnfold.onnx.fuse.fuse_onnx` and proven in onnxruntime). ``example_inputs``
     are tensors (compared as they are, batch 1 being their first sample; further draws for discovery are
     seeded, integers within the range of the given values) or :class:`~bnfold.inputs.InputSpec` objects.
     ``method`` picks discovery for ``nn.Module`` models:
