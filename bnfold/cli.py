@@ -309,7 +309,8 @@ def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: lis
 
     out_path = _output_path(model_path, "onnx", output)
     data_path = out_path.with_name(out_path.name + ".data")
-    inputs = {"MODEL": model_path, **{f"MODEL's data file {p.name}": p for p in external_data_files(model_path)}}
+    data_files = external_data_files(model_path)
+    inputs = {"MODEL": model_path, **{f"MODEL's data file {p.name}": p for p in data_files}}
     check_paths(inputs, {"-o": out_path, "external data": data_path, "--json": json_path})
     with status.status("folding and comparing in onnxruntime"):
         result = fuse_onnx(model, model_path, specs or None, atol=atol, rtol=rtol, seed=seed, timeout=timeout,
@@ -317,7 +318,8 @@ def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: lis
     written = None
     if result.ok:
         with status.status(f"writing {escape(str(out_path))}"):
-            files = save_onnx(result.model, out_path, external_data=external_data or None, source=model_path)
+            # external data when asked, or when the input had it (past 2 GB save_onnx decides by itself)
+            files = save_onnx(result.model, out_path, external_data=external_data or bool(data_files))
         written = ", ".join(map(str, files))
     result.timings["total"] = time.perf_counter() - started
     _report_fuse(result, console, model_path, written, json_path, quiet,
@@ -410,7 +412,7 @@ def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust, onnx_path, e
     for cfg in configs:
         inputs.update({f"model {cfg.name}": cfg.path, f"--onnx of {cfg.name}": cfg.onnx})
         for graph in (cfg.path, cfg.onnx):
-            if graph is not None and Path(graph).is_file():
+            if graph is not None:
                 inputs.update({f"data file {p.name} of {cfg.name}": p for p in external_data_files(graph)})
         if cfg.data and Path(cfg.data).exists():
             inputs[f"--data of {cfg.name}"] = Path(cfg.data)

@@ -397,9 +397,9 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
     report.checks.append(Check("onnx lint", True, f"{len(graph.graph.node)} nodes; " + (
         ", ".join(lint_codes) + " found" if lint_codes else "no training-mode or foldable BatchNormalization"),
         time.perf_counter() - start))
-    from bnfold.onnx.fuse import graph_inputs
+    from bnfold.onnx.graph import graph_inputs
 
-    if not graph_inputs(graph):
+    if not graph_inputs(graph.graph):
         raise InputSpecError(f"{path}: the graph takes no inputs: its outputs are constants, nothing to verify")
     specs = _as_specs(example_inputs) or adapter_for(graph).input_specs()
     with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:

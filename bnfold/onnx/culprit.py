@@ -85,6 +85,7 @@ from torch.utils._pytree import tree_flatten
 
 from bnfold.compare import OutputDiff, check_tolerance, compare_output, flatten_outputs
 from bnfold.errors import BnfoldError, first_line
+from bnfold.onnx.graph import graph_inputs
 from bnfold.runtime import run_model
 
 __all__ = ["Divergence", "find_divergence"]
@@ -254,13 +255,12 @@ class _Graph:
 
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> _Graph:
-        initializers = {init.name for init in graph.initializer}
         producer, consumers = {}, {}
         for index, node in enumerate(graph.node):
             producer.update((name, index) for name in node.output if name)
             for name in node.input:
                 consumers.setdefault(name, []).append(index)
-        return cls(list(graph.node), producer, consumers, [i.name for i in graph.input if i.name not in initializers],
+        return cls(list(graph.node), producer, consumers, [i.name for i in graph_inputs(graph)],
                    tuple(o.name for o in graph.output))
 
 

@@ -22,16 +22,11 @@ from bnfold.compare import compare
 from bnfold.errors import InputSpecError, LoadError, first_line
 from bnfold.fuse import FuseResult
 from bnfold.inputs import SHAPE_HINT, InputSpec
+from bnfold.onnx.graph import graph_inputs
 from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtFailure, OrtWorker, run_onnxruntime
 from bnfold.runtime import parity_inputs
 
 AS_WRITTEN = 1  # run index in the worker's answer: the session with optimisations off
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The inputs a caller feeds (initializers listed as inputs, IR < 4, have defaults and are left out)."""
-    initializers = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in initializers]
 
 
 def input_specs(model: onnx.ModelProto, given: list[InputSpec] | None = None) -> tuple[list[InputSpec], bool]:
@@ -39,7 +34,7 @@ def input_specs(model: onnx.ModelProto, given: list[InputSpec] | None = None) ->
 
     ``given`` (``--input-shape``) wins; it must have one spec per graph input and match every fixed dimension.
     """
-    inputs = graph_inputs(model)
+    inputs = graph_inputs(model.graph)
     if given:
         if len(given) != len(inputs):
             raise InputSpecError(f"the graph has {len(inputs)} input(s) ({', '.join(i.name for i in inputs)}), "
@@ -142,7 +137,7 @@ def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[Inpu
     from bnfold.onnx.fold import fold_graph
     from bnfold.onnx.io import save_onnx
 
-    if not graph_inputs(model):
+    if not graph_inputs(model.graph):
         raise InputSpecError("the graph takes no inputs: its outputs are constants, so there is nothing to compare",
                              "fold the graph it was made from, or run onnxruntime's constant folding on it")
     _check_valid(model, path)

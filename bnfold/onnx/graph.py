@@ -59,6 +59,12 @@ def node_label(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}#{index}"
 
 
+def graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller feeds (initializers listed as inputs, IR < 4, have defaults and are left out)."""
+    initializers = {t.name for t in graph.initializer}
+    return [i for i in graph.input if i.name not in initializers]
+
+
 def node_labels(nodes: Sequence[onnx.NodeProto]) -> list[str]:
     """One label per node, unique: names need not be (nor differ from another node's ``OpType#index``), and
     folds are applied by label, so a label shared by two nodes is suffixed with ``@index`` on both."""

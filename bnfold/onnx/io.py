@@ -185,8 +185,13 @@ def has_external_data(path: Path | str) -> bool:
 def external_data_files(path: Path | str) -> list[Path]:
     """The data files the model at ``path`` reads (inputs too: no output may be written over them).
 
-    Empty for a file that is not an ONNX model (its own loader says why)."""
+    Empty for a file that is not an ONNX model (its own loader says why); such a file is not read past its
+    first bytes."""
+    from bnfold.load import sniff
+
     path = Path(path)
+    if not path.is_file() or sniff(path) != "onnx":
+        return []
     try:
         model = _parse(path)
         return sorted({_data_file(path.parent, t) for t in _all_tensors(model) if _is_external(t)})

@@ -27,6 +27,7 @@ import torch
 
 from bnfold.errors import BnfoldError
 from bnfold.findings import Finding
+from bnfold.onnx.graph import graph_inputs
 from bnfold.ort_worker import LOAD, RUN
 
 _WORKER = Path(__file__).resolve().parent.parent / "ort_worker.py"
@@ -214,8 +215,7 @@ def run_onnxruntime(path: Path, cases: dict[str, tuple[torch.Tensor, ...]], work
     here). A failure of any kind is returned in ``OrtRun.failure``, never raised.
     """
     model = onnx.load(str(path), load_external_data=False)
-    initializers = {x.name for x in model.graph.initializer}
-    input_names = [i.name for i in model.graph.input if i.name not in initializers]
+    input_names = [i.name for i in graph_inputs(model.graph)]
     feeds = {}
     for case, tensors in cases.items():
         for name, tensor in zip(input_names, tensors):
@@ -238,13 +238,6 @@ def run_onnxruntime(path: Path, cases: dict[str, tuple[torch.Tensor, ...]], work
 
 def static_batch(path: Path) -> int | None:
     """The fixed batch size of the graph's first input, or None when it is symbolic."""
-    model = onnx.load(str(path), load_external_data=False)
-    initializers = {x.name for x in model.graph.initializer}
-    for graph_input in model.graph.input:
-        if graph_input.name in initializers:
-            continue
-        dims = graph_input.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
-            return int(dims[0].dim_value)
-        return None
-    return None
+    inputs = graph_inputs(onnx.load(str(path), load_external_data=False).graph)
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else ()
+    return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else None
