@@ -195,6 +195,19 @@ def main() -> None:
     """
 
 
+def _load(model_path: Path, arch: str | None, arch_kwargs: str | None, trust: bool, status: Console) -> Any:
+    with status.status(f"loading {escape(str(model_path))}"):
+        return load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+
+
+def _input_specs(given: list, loaded: Any) -> list:
+    """``--input-shape`` when given, else what the file declares (a .pt2 program); one of them is needed."""
+    specs = given or loaded.input_specs or []
+    if not specs:
+        raise InputSpecError(f"{loaded.path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
+    return specs
+
+
 def _output_path(model_path: Path, fmt: str, output: Path | None) -> Path:
     return output if output is not None else model_path.with_name(f"{model_path.stem}.fused{_OUTPUT_SUFFIX[fmt]}")
 
@@ -255,17 +268,14 @@ def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ..
     _tolerances(atol, rtol)
     specs = [parse_input_spec(s) for s in input_shapes]
     check_paths({"MODEL": model_path}, {"-o": output, "--json": json_path})
-    with status.status(f"loading {escape(str(model_path))}"):
-        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+    loaded = _load(model_path, arch, arch_kwargs, trust, status)
     if loaded.format == "onnx":
         return _run_fuse_onnx(loaded.model, model_path, output, specs, atol, rtol, seed, external_data, timeout,
                               json_path, quiet, console, status, started)
     if external_data or timeout is not None:
         raise InputSpecError("--external-data and --timeout apply to ONNX files only",
                              "bnfold export writes ONNX files")
-    specs = specs or loaded.input_specs or []
-    if not specs:
-        raise InputSpecError(f"{model_path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
+    specs = _input_specs(specs, loaded)
     if keep_structure and loaded.format not in ("state_dict", "safetensors"):
         raise InputSpecError("--keep-structure applies to state dicts and .safetensors files only",
                              f"{model_path} is a {loaded.format} file; its output keeps its format anyway")
@@ -517,14 +527,11 @@ def _run_export(model_path, output, input_shapes, arch, arch_kwargs, trust, expo
     data_path = out_path.with_name(out_path.name + ".data")
     check_paths({"MODEL": model_path}, {"-o": out_path, "external data": data_path, "--json": json_path})
     status = _status_console()
-    with status.status(f"loading {escape(str(model_path))}"):
-        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+    loaded = _load(model_path, arch, arch_kwargs, trust, status)
     if loaded.format == "onnx":
         raise InputSpecError(f"{model_path} is already an ONNX graph: there is nothing to export",
                              f"bnfold fuse {model_path} folds it and proves the result in onnxruntime")
-    specs = specs or loaded.input_specs or []
-    if not specs:
-        raise InputSpecError(f"{model_path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
+    specs = _input_specs(specs, loaded)
     with status.status("auditing, folding, exporting and comparing"):
         result = export(loaded.model, specs, out_path, exporter=exporter, opset=opset, static_batch=static_batch,
                         fp16=fp16, keep_io_types=keep_io_types, external_data=external_data, fold=not no_fold,
@@ -585,11 +592,8 @@ def _run_inspect(model_path: Path, input_shapes: tuple[str, ...], arch: str | No
             raise OutputError(f"--plot {plot_path}: bnfold draws PNG files", f"name it {plot_path.stem}.png")
         require_matplotlib()  # before the work, not after it
     status = _status_console()
-    with status.status(f"loading {escape(str(model_path))}"):
-        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
-    specs = specs or loaded.input_specs or []
-    if not specs and loaded.format != "onnx":
-        raise InputSpecError(f"{model_path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
+    loaded = _load(model_path, arch, arch_kwargs, trust, status)
+    specs = specs if loaded.format == "onnx" else _input_specs(specs, loaded)  # a graph declares its inputs
     with status.status("inspecting" + (" and measuring drift" if data_spec else "")):
         report = inspect(loaded.model, specs or None, data=data_spec)
     report.notes[:0] = loaded.notes
