@@ -132,9 +132,10 @@ def _stat_findings(root: nn.Module, ref: BNRef, name: str) -> list[Finding]:
 class _Tap:
     """Hooks on every module: records each call's ``training`` flag and the first sample of its output."""
 
-    def __init__(self, modules: dict[str, nn.Module], sample: int) -> None:
+    def __init__(self, modules: dict[str, nn.Module], sample: int, watch_finite: bool = False) -> None:
         self.modules = modules
         self.sample = sample
+        self.watch_finite = watch_finite  # one run is enough to name the first non-finite module
         self.outputs: list[tuple[str, torch.Tensor]] = []
         self.nonfinite: list[str] = []  # modules whose output held NaN/Inf, in completion order (innermost first)
         self.training_calls: dict[str, int] = {}
@@ -164,7 +165,7 @@ class _Tap:
         if self.stack and self.stack[-1] == name:
             self.stack.pop()
         tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
-        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
+        if self.watch_finite and any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
             self.nonfinite.append(name)
         if tensors and tensors[0].shape[0] > self.sample:
             self.outputs.append((name, tensors[0][self.sample].detach().clone()))
@@ -262,14 +263,15 @@ class _Probes:
         companions = [make_inputs(specs, seed + k, batch=self.batch - 1) for k in (1, 2)]
         self.batch_a, self.batch_b = (tuple(torch.cat([a, c]) for a, c in zip(self.x0, comp)) for comp in companions)
 
-    def _tapped(self, inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[Any, _Tap, _ForcedTraining]:
-        with _Tap(self.modules, sample=0) as tap, _ForcedTraining(tap) as forced:
+    def _tapped(self, inputs: tuple[torch.Tensor, ...], seed: int, watch_finite: bool = False
+                ) -> tuple[Any, _Tap, _ForcedTraining]:
+        with _Tap(self.modules, sample=0, watch_finite=watch_finite) as tap, _ForcedTraining(tap) as forced:
             return _run(self.model, inputs, seed), tap, forced
 
     def observe(self) -> None:
         """Run batch A twice under two seeds: the determinism pair, and two calls for the mode probe (a forward
         may flip flags on its first call only). Model runs are the probes' whole cost, so each serves twice."""
-        self.out_a, self.tap_a, forced_a = self._tapped(self.batch_a, self.seed)
+        self.out_a, self.tap_a, forced_a = self._tapped(self.batch_a, self.seed, watch_finite=True)
         self.out_c, self.tap_c, forced_c = self._tapped(self.batch_a, self.seed + 1)
         self.training_calls: dict[str, int] = {}
         self.forced_bn: dict[str, int] = {}
