@@ -367,13 +367,17 @@ def _onnx_checks(report: Report, findings: list[Finding], source: str, compared:
         return any(f.check_name == check and f.severity == "error" for f in findings)
 
     worst = _worst([c for c in report.parity if c.label.startswith("onnxruntime")])
-    lint_codes = sorted({f.code for f in findings if f.check_name == "onnx lint"})
-    report.checks.append(Check("onnx lint", not failed("onnx lint"), f"{source}; " + (
-        ", ".join(lint_codes) + " found" if lint_codes else "no training-mode or foldable BatchNormalization")))
+    report.checks.append(Check("onnx lint", not failed("onnx lint"), f"{source}; {_lint_detail(findings)}"))
     report.checks.append(Check("onnx parity", compared and not failed("onnx parity"), (
         f"{worst.figure()} vs PyTorch" if worst else "onnxruntime compared nothing"), seconds))
     report.checks.append(Check("onnx determinism", not failed("onnx determinism"),
                                "the same input twice in one onnxruntime session"))
+
+
+def _lint_detail(findings: list[Finding]) -> str:
+    """The lint check's line: the codes it filed, or that it filed none."""
+    codes = sorted({f.code for f in findings if f.check_name == "onnx lint"})
+    return ", ".join(codes) + " found" if codes else "no training-mode or foldable BatchNormalization"
 
 
 def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int, timeout: float) -> Report:
@@ -393,10 +397,8 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
         raise LoadError(f"{path}: not a valid ONNX model: {first_line(exc, 200)}",
                         "check that the file is complete (not truncated) and was written by an ONNX exporter") from None
     findings = lint(graph, path.parent)
-    lint_codes = sorted({f.code for f in findings})
-    report.checks.append(Check("onnx lint", True, f"{len(graph.graph.node)} nodes; " + (
-        ", ".join(lint_codes) + " found" if lint_codes else "no training-mode or foldable BatchNormalization"),
-        time.perf_counter() - start))
+    report.checks.append(Check("onnx lint", True, f"{len(graph.graph.node)} nodes; {_lint_detail(findings)}",
+                               time.perf_counter() - start))
     from bnfold.onnx.graph import graph_inputs
 
     if not graph_inputs(graph.graph):
