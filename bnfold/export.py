@@ -35,12 +35,12 @@ from bnfold.discover.graph import Fold, Skip
 from bnfold.errors import BnfoldError, InputSpecError, first_line
 from bnfold.findings import Finding
 from bnfold.fuse import FuseResult, fuse
-from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs, specs_from_tensors
+from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs
 from bnfold.kinds import Adapter, adapter_for
 from bnfold.onnx.check import check_onnx
 from bnfold.onnx.export import EXPORTERS, export_onnx
 from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtWorker
-from bnfold.runtime import Reference, make_reference, run_model
+from bnfold.runtime import Reference, make_reference, run_model, split_examples
 
 DEFAULT_EXPORTER = "dynamo"
 
@@ -155,8 +155,7 @@ def export(
     if opset is not None and not 9 <= opset <= newest:
         raise InputSpecError(f"--opset {opset}: bnfold exports opsets 9 to {newest} (the newest the installed onnx "
                              "knows)")
-    given = None if not example_inputs or isinstance(example_inputs[0], InputSpec) else tuple(example_inputs)
-    specs = specs_from_tensors(given) if given else list(example_inputs or ())
+    given, specs = split_examples(example_inputs)
     adapter = adapter_for(model)
     if adapter.kind == "onnx":
         raise InputSpecError("the model is already an ONNX graph: there is nothing to export",

@@ -19,9 +19,9 @@ from bnfold.compare import Comparison
 from bnfold.discover.graph import Discovery, Fold, Skip
 from bnfold.errors import InputSpecError
 from bnfold.fold.apply import CannotFold, ModuleHost, apply_fold
-from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs, specs_from_tensors
+from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs
 from bnfold.kinds import Adapter, adapter_for
-from bnfold.runtime import Case, Reference, check_parity, make_reference, parity_inputs, reference_cases
+from bnfold.runtime import Case, Reference, check_parity, make_reference, parity_inputs, reference_cases, split_examples
 
 
 @dataclass
@@ -83,8 +83,7 @@ def fuse(
     The input model is not modified; ``result.model`` is a folded copy in eval mode. ``reference`` is the eval
     model's outputs when the caller computed them already (``bnfold verify``, ``bnfold export``).
     """
-    given = None if not example_inputs or isinstance(example_inputs[0], InputSpec) else tuple(example_inputs)
-    specs = specs_from_tensors(given) if given else list(example_inputs or ())
+    given, specs = split_examples(example_inputs)
     adapter = adapter_for(model, method=method, keep_structure=keep_structure)
     if adapter.kind == "onnx":  # proven in onnxruntime, not in PyTorch; the graph declares its inputs
         from bnfold.onnx.fuse import fuse_onnx
@@ -165,8 +164,8 @@ def plan(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpec] 
     adapter = adapter_for(model, method=method)
     if adapter.kind == "onnx":
         return adapter.discover(None, [])
-    given = None if not example_inputs or isinstance(example_inputs[0], InputSpec) else tuple(example_inputs)
-    specs = specs_from_tensors(given) if given else list(example_inputs or ()) or adapter.input_specs() or []
+    given, specs = split_examples(example_inputs)
+    specs = specs or adapter.input_specs() or []
     if not specs:
         raise InputSpecError("no example inputs were given", SHAPE_HINT)
     with adapter.evaluating() as runnable:

@@ -22,10 +22,20 @@ from torch import nn
 
 from bnfold.compare import Comparison, compare
 from bnfold.errors import ModelRunError, first_line
-from bnfold.inputs import InputSpec, make_inputs, seeded
+from bnfold.inputs import InputSpec, make_inputs, seeded, specs_from_tensors
 
 __all__ = ["Case", "Reference", "check_parity", "eval_mode", "make_inputs", "parity_inputs", "reference_cases",
-           "run_model", "seeded"]
+           "run_model", "seeded", "split_examples"]
+
+
+def split_examples(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...] | None, list[InputSpec]]:
+    """The caller's example inputs as (their tensors, compared as they are, or None for specs; the specs)."""
+    if not example_inputs:
+        return None, []
+    if isinstance(example_inputs[0], InputSpec):
+        return None, list(example_inputs)
+    given = tuple(example_inputs)
+    return given, specs_from_tensors(given)
 
 
 def run_model(model: Callable[..., Any], inputs: tuple[Any, ...], seed: int = 0,

@@ -26,12 +26,12 @@ from bnfold.compare import Comparison
 from bnfold.errors import BnfoldError, InputSpecError, LoadError, first_line
 from bnfold.findings import CHECK_GROUPS, CODES, CODES_OF_CHECK, Finding
 from bnfold.fuse import fuse
-from bnfold.inputs import SHAPE_HINT, InputSpec, specs_from_tensors
+from bnfold.inputs import SHAPE_HINT, InputSpec
 from bnfold.kinds import Adapter, adapter_for
 from bnfold.load import Loaded, load
 from bnfold.onnx.check import check_onnx
 from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtWorker, check_timeout
-from bnfold.runtime import Reference, make_reference
+from bnfold.runtime import Reference, make_reference, split_examples
 
 CHECKS = CHECK_GROUPS
 
@@ -144,8 +144,8 @@ def verify(
     if adapter.kind == "onnx":
         raise InputSpecError("bnfold.verify takes an ONNX graph by its path (the graph-only checks read the file)",
                              "pass the .onnx file's path, or the torch model with onnx=PATH to compare them")
-    specs = _specs(example_inputs, loaded, adapter)
-    given = _given(example_inputs)
+    given, specs = split_examples(example_inputs)
+    specs = _specs(specs, loaded, adapter)
     handed_in_training = adapter.was_training()
     if handed_in_training:
         report.findings.append(Finding("BN012", "", "handed over with model.training=True; verified after eval()"))
@@ -206,18 +206,9 @@ def _finish(report: Report) -> None:
             check.detail += f" (disabled: {', '.join(silenced)})"
 
 
-def _as_specs(example_inputs: Any) -> list[InputSpec]:
-    """Input specs from tensors or specs (empty when none were given)."""
-    if not example_inputs:
-        return []
-    if isinstance(example_inputs[0], InputSpec):
-        return list(example_inputs)
-    return specs_from_tensors(tuple(example_inputs))
-
-
-def _specs(example_inputs: Any, loaded: Loaded, adapter: Adapter) -> list[InputSpec]:
-    if example_inputs:
-        return _as_specs(example_inputs)
+def _specs(given: list[InputSpec], loaded: Loaded, adapter: Adapter) -> list[InputSpec]:
+    if given:
+        return given
     declared = loaded.input_specs or adapter.input_specs()
     if declared:
         return declared
@@ -304,13 +295,6 @@ def _fold(adapter: Adapter, reference: Reference, atol, rtol, report: Report) ->
                                    f"skipped; {figure}", time.perf_counter() - stage.start))
         if not result.ok and worst is not None:
             report.findings.append(Finding("BN008", worst.name, worst.figure()))
-
-
-def _given(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
-    """The caller's own example tensors, compared as they are (None for specs)."""
-    if example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    return None
 
 
 def _onnx(model: Any, reference: Reference, atol, rtol, exporter: str, onnx_path: Path | None, report: Report,
@@ -403,7 +387,7 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
 
     if not graph_inputs(graph.graph):
         raise InputSpecError(f"{path}: the graph takes no inputs: its outputs are constants, nothing to verify")
-    specs = _as_specs(example_inputs) or adapter_for(graph).input_specs()
+    specs = split_examples(example_inputs)[1] or adapter_for(graph).input_specs()
     with tempfile.TemporaryDirectory(prefix="bnfold-") as tmp:
         run = run_onnxruntime(path, {"determinism": make_inputs(specs, seed)}, Path(tmp), timeout=timeout)
     if run.failure:
