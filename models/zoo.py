@@ -19,6 +19,14 @@ from models.densenet import densenet_tiny
 from models.efficientnet import efficientnet_tiny
 from models.mlp import mlp_tiny
 from models.mobilenet import mobilenet_tiny
+from models.reparam import (
+    mixconv_tiny,
+    mobileone_tiny,
+    reparam_negatives_tiny,
+    repvgg_tiny,
+    residual_bn_tiny,
+    same_pad_tiny,
+)
 from models.resnet import resnet50, resnet_digits, resnet_tiny
 from models.shared_output import shared_output_tiny
 from models.special import special_tiny
@@ -48,6 +56,13 @@ _SPECS = [
     ModelSpec("bnact_tiny", bnact_tiny, (2, 3, 16, 16), True),
     ModelSpec("shared_output_tiny", shared_output_tiny, (2, 3, 16, 16), True),
     ModelSpec("special_tiny", special_tiny, (2, 3, 16, 16), True),
+    ModelSpec("repvgg_tiny", repvgg_tiny, (2, 3, 16, 16), True),
+    ModelSpec("mobileone_tiny", mobileone_tiny, (2, 3, 16, 16), True),
+    ModelSpec("mixconv_tiny", mixconv_tiny, (2, 3, 16, 16), True),
+    ModelSpec("residual_bn_tiny", residual_bn_tiny, (2, 3, 16, 16), True),
+    # Conv2dSame pads from x.shape in Python: symbolic_trace fails, torch.export works.
+    ModelSpec("same_pad_tiny", same_pad_tiny, (2, 3, 16, 16), False),
+    ModelSpec("reparam_negatives_tiny", reparam_negatives_tiny, (2, 3, 16, 16), True),
 ]
 
 REFERENCE_MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
