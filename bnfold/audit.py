@@ -174,17 +174,24 @@ class _Tap:
 class _ForcedTraining(TorchFunctionMode):
     """Sees torch calls that force training behaviour whatever the module flags say."""
 
-    def __init__(self, tap: _Tap) -> None:
+    def __init__(self, tap: _Tap, model: nn.Module | None = None) -> None:
         super().__init__()
         self.tap = tap
         self.forced_bn: dict[str, int] = {}  # innermost running module -> calls
         self.dropouts = 0
+        # Storage of the model's parameters: batch_norm(training=True) over a weight is weight standardisation
+        # (timm's StdConv2d), which normalises the weight, not the batch.
+        self.weights = ({p.untyped_storage().data_ptr() for p in model.parameters()} if isinstance(model, nn.Module)
+                        else set())
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
         kwargs = kwargs or {}
         if func in _FORCED_BN:
             pos = _FORCED_BN[func]
             training = kwargs.get("training", args[pos] if len(args) > pos else False)
+            data = args[0] if args else kwargs.get("input")
+            if training and isinstance(data, torch.Tensor) and data.untyped_storage().data_ptr() in self.weights:
+                training = False  # a weight standardised, not a batch
             if training:
                 where = self.tap.stack[-1] if self.tap.stack else ""
                 self.forced_bn[where] = self.forced_bn.get(where, 0) + 1
@@ -265,7 +272,7 @@ class _Probes:
 
     def _tapped(self, inputs: tuple[torch.Tensor, ...], seed: int, watch_finite: bool = False
                 ) -> tuple[Any, _Tap, _ForcedTraining]:
-        with _Tap(self.modules, sample=0, watch_finite=watch_finite) as tap, _ForcedTraining(tap) as forced:
+        with _Tap(self.modules, sample=0, watch_finite=watch_finite) as tap, _ForcedTraining(tap, self.model) as forced:
             return _run(self.model, inputs, seed), tap, forced
 
     def observe(self) -> None:

@@ -25,9 +25,12 @@ def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
 
     findings = []
     values = _default_values(model.graph)
+    constant = _constant_names(model.graph, values)
     for name, node in zip(node_labels(model.graph.node), model.graph.node):
         if node.op_type == "BatchNormalization":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.input and node.input[0] in constant:
+                continue  # normalises a weight (weight standardisation), not a batch
             if attrs.get("training_mode", 0) == 1 or len(node.output) > 1:
                 findings.append(Finding("BN009", name, "BatchNormalization with training_mode=1: it normalises "
                                                        "with batch statistics at inference"))
@@ -42,10 +45,23 @@ def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
     except Exception:  # noqa: BLE001 - a graph the folder cannot read (unknown op...) has nothing to promise
         return findings
     for fold in plan.folds:
-        where = "follows" if fold.position == "after" else "feeds"
-        findings.append(Finding("BN011", fold.bn.name, f"{where} {fold.layer.name} and could be folded into its "
-                                                       "weights"))
+        if fold.position in ("after", "before"):
+            where = "follows" if fold.position == "after" else "feeds"
+            message = f"{where} {fold.layer.name} and could be folded into its weights"
+        else:
+            message = f"could be removed: {fold.describe()}"
+        findings.append(Finding("BN011", fold.bn.name, message))
     return findings
+
+
+def _constant_names(graph: onnx.GraphProto, values: dict[str, onnx.TensorProto]) -> set[str]:
+    """Names computed from constants alone (not from any graph input)."""
+    inputs = {i.name for i in graph.input}
+    constant = {name for name in values if name not in inputs}
+    for node in graph.node:
+        if node.input and all(not n or n in constant for n in node.input):
+            constant.update(o for o in node.output if o)
+    return constant
 
 
 def _default_values(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
