@@ -81,11 +81,9 @@ class ExportResult:
             "files": list(self.files),
             "exporter": self.exporter,
             "findings": [f.to_dict() for f in self.findings],
-            "torch_folded": [{"bn": f.bn.name, "layer": f.layer.name, "position": f.position}
-                             for f in (fold.folded if fold else [])],
+            "torch_folded": [f.to_dict() for f in (fold.folded if fold else [])],
             "torch_skipped": [{"bn": s.bn, "reason": s.reason} for s in (fold.skipped if fold else [])],
-            "graph_folded": [{"bn": f.bn.name, "layer": f.layer.name, "position": f.position}
-                             for f in self.graph_folded],
+            "graph_folded": [f.to_dict() for f in self.graph_folded],
             "left": [{"bn": s.bn, "reason": s.reason} for s in self.left],
             "parity": [c.to_dict() for c in self.parity],
             "notes": list(self.notes),
@@ -264,7 +262,7 @@ def _export_and_prove(subject: Adapter, reference: Reference, output: Path, resu
                 graph, result.graph_folded = folded.model, list(folded.folded)
                 result.notes += folded.notes
             plan = discover_graph(graph)
-            result.left = list(plan.skips) + [Skip(f.bn.name, f"foldable into {f.layer.name}: left by --no-fold")
+            result.left = list(plan.skips) + [Skip(f.bn.name, f"foldable ({f.describe()}): left by --no-fold")
                                               for f in plan.folds] + _unpaired_bns(graph, plan)
         candidate = Path(tmp) / "candidate" / output.name
         candidate.parent.mkdir()

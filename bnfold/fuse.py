@@ -18,7 +18,7 @@ from torch import nn
 from bnfold.compare import Comparison
 from bnfold.discover.graph import Discovery, Fold, Skip
 from bnfold.errors import InputSpecError
-from bnfold.fold.apply import CannotFold, ModuleHost, apply_fold
+from bnfold.fold.apply import ModuleHost, apply_plan
 from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs
 from bnfold.kinds import Adapter, adapter_for
 from bnfold.runtime import Case, Reference, check_parity, make_reference, parity_inputs, reference_cases, split_examples
@@ -49,10 +49,7 @@ class FuseResult:
             "ok": self.ok,
             "discovery": self.discovery,
             "was_training": self.was_training,
-            "folded": [
-                {"bn": f.bn.name, "layer": f.layer.name, "layer_kind": f.layer.kind, "position": f.position}
-                for f in self.folded
-            ],
+            "folded": [f.to_dict() for f in self.folded],
             "skipped": [{"bn": s.bn, "reason": s.reason} for s in self.skipped],
             "parity": [c.to_dict() for c in self.parity],
             "notes": list(self.notes),
@@ -111,7 +108,7 @@ def _fuse(adapter: Adapter, runnable: Any, reference: Reference, atol, rtol) -> 
     timings["discover"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    folded_model, applied, skipped = _apply(runnable, found.folds, adapter.host)
+    folded_model, applied, skipped = _apply(runnable, found.folds, adapter.host, found.graph)
     timings["fold"] = time.perf_counter() - start
     notes = list(found.notes)
 
@@ -173,17 +170,15 @@ def plan(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpec] 
         return adapter.discover(runnable, _draws(reference.cases, specs, seed))
 
 
-def _apply(reference: nn.Module, folds: list[Fold], host_type: type[ModuleHost]):
-    """Apply ``folds`` to a copy of ``reference``; a fold whose tensors refuse becomes a skip."""
-    model = copy.deepcopy(reference)
-    host = host_type(model)
-    applied, skipped = [], []
-    for fold in folds:
-        try:
-            apply_fold(host, host.claim(fold))
-            applied.append(fold)
-        except CannotFold as exc:
-            skipped.append(Skip(fold.bn.name, str(exc)))
+def _apply(reference: nn.Module, folds: list[Fold], host_type: type[ModuleHost], graph: nn.Module | None = None):
+    """Apply ``folds`` to a copy of ``reference``; a fold whose tensors refuse becomes a skip.
+
+    Merging branches rewrites the forward: when ``folds`` merge and ``graph`` (the traced ``reference``) is
+    given, the copy is of ``graph``, and the folded model is a ``torch.fx.GraphModule``.
+    """
+    merges = graph is not None and any(f.merge is not None for f in folds)
+    model = copy.deepcopy(graph if merges else reference)
+    applied, skipped = apply_plan(host_type(model), folds)
     return model.eval(), applied, skipped
 
 

@@ -145,6 +145,7 @@ class BNRow:
             "status": "folds" if fold else "left",
             "layer": fold.layer.name if fold else None, "layer_kind": fold.layer.kind if fold else None,
             "position": fold.position if fold else None, "merged_with": list(self.merged_with),
+            "plan": fold.describe() if fold else None,
             "reason": self.reason,
             "channels": fig.channels if fig else None, "eps": self.eps, "momentum": self.momentum,
             "num_batches_tracked": self.num_batches_tracked,

@@ -96,10 +96,12 @@ class ModuleAdapter(Adapter):
     def __init__(self, model: nn.Module, *, method: str = "auto", keep_structure: bool = False) -> None:
         super().__init__(model)
         self.method = method
+        self.keep_structure = keep_structure
         self.host = KeepStructureHost if keep_structure else ModuleHost  # type: ignore[misc]
 
     def discover(self, reference: Any, draws: list[tuple[torch.Tensor, ...]]) -> Discovery:
-        return discover(reference, draws, method=self.method)
+        # Merging branches changes the architecture: not for a model whose state dict must load into its class.
+        return discover(reference, draws, method=self.method, structural=not self.keep_structure)
 
 
 class ScriptAdapter(Adapter):

@@ -28,6 +28,16 @@ _ACTIVATION_ATTRS = ("act", "activation", "act_fn", "nonlinearity")
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """Where a convolution's kernel reads its input, per spatial dimension (what branch merging compares)."""
+
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]  # (before, after) zeros per spatial dimension
+    pad_mode: str = "zeros"  # torch's padding_mode; anything else pads with data, not zeros
+
+
+@dataclass(frozen=True)
 class LayerRef:
     """A Conv/ConvTranspose/Linear whose weights can absorb a BN."""
 
@@ -38,6 +48,8 @@ class LayerRef:
     groups: int = 1
     padded: bool = False  # Conv only: pads its input (BN before it cannot fold)
     module: str | None = None  # module path when the layer is a module (a bias can be added to it)
+    shape: tuple[int, ...] | None = None  # the weight's shape in torch's layout ((out, in/groups, *k) for Conv)
+    geometry: Geometry | None = None  # Conv only, where the front-end knows it
 
     @property
     def out_channel_axis(self) -> int:
@@ -66,12 +78,11 @@ def producer_ref(name: str, module: nn.Module) -> LayerRef | None:
         return None
     groups = getattr(module, "groups", 1)
     padded = False
+    geometry = None
     if kind == "conv":
-        padding = module.padding
-        if isinstance(padding, str):
-            padded = padding == "same" and any(k != 1 for k in module.kernel_size)
-        else:
-            padded = any(p != 0 for p in padding)
+        geometry = conv_geometry(module.kernel_size, module.stride, module.padding, module.dilation,
+                                 module.padding_mode)
+        padded = any(p != (0, 0) for p in geometry.pads)
     return LayerRef(
         name=name,
         kind=kind,
@@ -80,7 +91,25 @@ def producer_ref(name: str, module: nn.Module) -> LayerRef | None:
         groups=groups,
         padded=padded,
         module=name,
+        shape=tuple(module.weight.shape),
+        geometry=geometry,
     )
+
+
+def conv_geometry(kernel: tuple[int, ...], stride, padding, dilation, pad_mode: str = "zeros") -> Geometry:
+    """A torch convolution's geometry from its arguments (ints or per-dimension lists; padding may be a string)."""
+    dims = len(kernel)
+
+    def spread(value) -> tuple[int, ...]:
+        return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * dims
+
+    stride, dilation = spread(stride), spread(dilation)
+    if isinstance(padding, str):  # "valid": none; "same": torch puts the odd one after
+        totals = [0 if padding == "valid" else d * (k - 1) for k, d in zip(kernel, dilation)]
+        pads = tuple((t // 2, t - t // 2) for t in totals)
+    else:
+        pads = tuple((p, p) for p in spread(padding))
+    return Geometry(stride, dilation, pads, pad_mode)
 
 
 def is_frozen_bn(module: nn.Module) -> bool:

@@ -48,8 +48,12 @@ def render_fuse(result: FuseResult, console: Console, *, source: str, output: st
     table.add_column("status")
     table.add_column("into / reason", overflow="fold")
     for fold in result.folded:
-        arrow = f"{fold.layer.name} ({fold.layer.kind}, BN {fold.position})"
-        table.add_row(escape(fold.bn.name), "[green]folded[/green]", escape(arrow))
+        if fold.merge is None and not fold.parts:
+            arrow = f"{fold.layer.name} ({fold.layer.kind}, BN {fold.position})"
+            table.add_row(escape(fold.bn.name), "[green]folded[/green]", escape(arrow))
+        else:
+            status = "[green]merged[/green]" if fold.merge is not None else "[green]folded[/green]"
+            table.add_row(escape(fold.bn.name), status, escape(fold.describe()))
     for skip in result.skipped:
         table.add_row(escape(skip.bn), "[yellow]skipped[/yellow]", escape(skip.reason))
     if result.folded or result.skipped:
@@ -231,7 +235,10 @@ def _plan_cell(row: Any) -> str:
     """``folds into conv1 (conv, BN after)`` (+ the BNs merged into the same layer), or ``left: reason``."""
     if row.fold is None:
         return f"[yellow]left[/yellow]: {escape(row.reason or '')}"
-    cell = f"[green]folds[/green] into {escape(row.fold.layer.name)} ({row.fold.layer.kind}, BN {row.fold.position})"
+    if row.fold.merge is not None or row.fold.parts:
+        cell = f"[green]folds[/green]: {escape(row.fold.describe())}"
+    else:
+        cell = f"[green]folds[/green] into {escape(row.fold.layer.name)} ({row.fold.layer.kind}, BN {row.fold.position})"
     if row.merged_with:
         cell += f", merged with {escape(', '.join(row.merged_with))}"
     return cell

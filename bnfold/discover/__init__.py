@@ -13,8 +13,11 @@ from bnfold.errors import first_line
 __all__ = ["Discovery", "Fold", "Skip", "discover"]
 
 
-def discover(model: nn.Module, input_draws: list[tuple[Any, ...]], method: str = "auto") -> Discovery:
+def discover(model: nn.Module, input_draws: list[tuple[Any, ...]], method: str = "auto", *,
+             structural: bool = True) -> Discovery:
     """``method``: ``"fx"`` (static), ``"observed"`` (forward passes), ``"auto"`` (fx, else observed).
+
+    ``structural``: apply the rules that change the graph (branch merging); off for hosts that keep the structure.
 
     ``input_draws`` are example inputs; fx uses the first for shapes, observation runs them all (inputs that
     take other branches show more of the model).
@@ -22,7 +25,7 @@ def discover(model: nn.Module, input_draws: list[tuple[Any, ...]], method: str =
     if method == "observed":
         return observed.discover(model, input_draws)
     try:
-        return fx.discover(model, input_draws[0])
+        return fx.discover(model, input_draws[0], structural=structural)
     except Exception as exc:  # torch.fx raises many kinds of errors on untraceable code
         if method == "fx":
             raise

@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from bnfold.discover.graph import Discovery, Node, pair
-from bnfold.layers import BNRef, LayerRef, bn_ref, is_bn_module, producer_ref
+from bnfold.layers import BNRef, LayerRef, bn_ref, conv_geometry, is_bn_module, producer_ref
 
 _aten = torch.ops.aten
 # Argument names of each BatchNorm call, positionally: Python's F.batch_norm and aten's differ.
@@ -44,6 +44,10 @@ _LAYER_CALLS: dict[Any, tuple[str, tuple[str, ...]]] = {
                                                       _aten.conv_transpose3d.input)},
     _aten.convolution.default: ("convolution", _CONVOLUTION_ARGS),
 }
+# Sums and concatenations, for the structural rules (:mod:`bnfold.discover.rules`).
+_ADDS = {operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor, "add", "add_", "__add__",
+         "__iadd__"}
+_CATS = {torch.cat, torch.concat, torch.concatenate, _aten.cat.default, _aten.concat.default}
 
 
 class _LeafTracer(fx.Tracer):
@@ -54,13 +58,18 @@ class _LeafTracer(fx.Tracer):
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; raises whatever torch.fx raises for untraceable code."""
     graph = _LeafTracer().trace(model)
+    for node in list(graph.nodes):  # reading a leaf's weight while deciding it is a leaf records an unused get_attr
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
     return fx.GraphModule(model, graph)
 
 
-def discover(model: nn.Module, example_inputs: tuple[Any, ...]) -> Discovery:
+def discover(model: nn.Module, example_inputs: tuple[Any, ...], *, structural: bool = True) -> Discovery:
     gm = trace(model)
     ShapeProp(gm).propagate(*example_inputs)
-    return pair(graph_nodes(gm, model), "fx")
+    found = pair(graph_nodes(gm, model), "fx", structural=structural)
+    found.graph = gm
+    return found
 
 
 def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
@@ -68,10 +77,14 @@ def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     nodes: dict[int, Node] = {}
+    constant: set[fx.Node] = set()  # computed from attributes alone: a batch_norm over them normalises a weight
     for fx_node in gm.graph.nodes:
+        inputs = fx_node.all_input_nodes
+        if fx_node.op == "get_attr" or (fx_node.op != "placeholder" and inputs and all(n in constant for n in inputs)):
+            constant.add(fx_node)
         if fx_node.op not in ("call_module", "call_function", "call_method"):
             continue
-        node = Node(key=index[fx_node], label=_label(fx_node))
+        node = Node(key=index[fx_node], label=_label(fx_node), name=fx_node.name)
         if fx_node.op == "call_module":
             module = root.get_submodule(fx_node.target)
             node.calls = calls[fx_node.target]
@@ -79,19 +92,30 @@ def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
                 node.bn = bn_ref(fx_node.target, module)
             else:
                 node.layer = producer_ref(fx_node.target, module)
-        elif fx_node.target in _BN_CALLS:
+        elif fx_node.target in _BN_CALLS and not (fx_node.args and fx_node.args[0] in constant):
             node.bn = functional_bn_ref(fx_node)
         elif fx_node.target in _LAYER_CALLS:
-            node.layer = functional_layer_ref(fx_node)
+            node.layer, node.refusal = functional_layer_ref(fx_node)
+        elif _is_call(fx_node, _ADDS):
+            node.op, node.operands = _sum_operands(fx_node, index)
+            node.label = fx_node.name
+        elif _is_call(fx_node, _CATS) and fx_node.args and isinstance(fx_node.args[0], (list, tuple)):
+            node.op, node.label = "concat", fx_node.name
+            node.operands = [_operand(a, index) for a in fx_node.args[0]]
+            axis = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("dim", 0)
+            node.axis = axis + (_rank(fx_node) or 0) if isinstance(axis, int) and axis < 0 else axis
         if fx_node.op == "call_function" and (node.bn or node.layer) is not None:
             node.label = (node.bn or node.layer).name
         data = fx_node.args[0] if fx_node.args else None
         if isinstance(data, fx.Node):
             node.input = index[data] if data.op not in ("placeholder", "get_attr") else None
             node.in_rank = _rank(data)
+            node.source = data.name
         data_out = bn_output(fx_node) if node.bn is not None else fx_node
         node.users = [index[u] for u in data_out.users if u.op != "output" and _is_tensor(u)]
         node.is_output = any(u.op == "output" for u in data_out.users)
+        node.rank = _rank(data_out)
+        node.channels = _channels(data_out)
         nodes[node.key] = node
     # A getitem that unpacks a BN's tuple is part of the BN: its users already count as the BN's.
     for fx_node in gm.graph.nodes:
@@ -102,6 +126,45 @@ def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
                 if n.input == item:
                     n.input = index[fx_node]
     return nodes
+
+
+def _is_call(fx_node: fx.Node, targets: set[Any]) -> bool:
+    if fx_node.op == "call_method":
+        return fx_node.target in targets
+    return fx_node.op == "call_function" and fx_node.target in targets
+
+
+def _operand(value: Any, index: dict[fx.Node, int]) -> tuple[str | None, int | None]:
+    """(tensor id, producer key) of an Add/Concat operand: constants and parameters get no id."""
+    if not isinstance(value, fx.Node) or value.op == "get_attr":
+        return None, None
+    return value.name, (index[value] if value.op != "placeholder" else None)
+
+
+def _sum_operands(fx_node: fx.Node, index: dict[fx.Node, int]) -> tuple[Any, list[tuple[str | None, int | None]]]:
+    """An elementwise sum's operands (a literal 0 adds nothing), or (None, []) when it is not a plain sum."""
+    args = _bound(fx_node, ("input", "other", "alpha"))
+    if args.get("alpha", 1) != 1 or set(args) - {"input", "other", "alpha"}:
+        return None, []
+    operands = []
+    for value in (args.get("input"), args.get("other")):
+        if isinstance(value, (int, float)) and value == 0 and not isinstance(value, bool):
+            continue
+        if isinstance(value, fx.Node) and not _is_tensor(value):
+            return None, []
+        operands.append(_operand(value, index))
+    return "add", operands
+
+
+def _channels(n: fx.Node) -> int | None:
+    meta = _tensor_meta(n)
+    shape = getattr(meta, "shape", None)
+    if shape is None or len(shape) < 2:
+        return None
+    try:
+        return int(shape[1])
+    except (TypeError, ValueError):  # symbolic
+        return None
 
 
 def bn_output(fx_node: fx.Node) -> fx.Node:
@@ -122,21 +185,33 @@ def _attr_path(value: Any) -> str | None:
     return value.target if isinstance(value, fx.Node) and value.op == "get_attr" else None
 
 
-def functional_layer_ref(fx_node: fx.Node) -> LayerRef | None:
-    """A conv/linear call whose weight (and bias, if any) are attributes of the root."""
+def functional_layer_ref(fx_node: fx.Node) -> tuple[LayerRef | None, str | None]:
+    """A conv/linear call whose weight (and bias, if any) are attributes of the root; else (None, why not)."""
     kind, names = _LAYER_CALLS[fx_node.target]
     args = _bound(fx_node, names)
     weight = _attr_path(args.get("weight"))
     bias = args.get("bias")
-    if weight is None or (bias is not None and _attr_path(bias) is None):
-        return None  # computed weights cannot absorb anything
+    for role, value in (("weight", args.get("weight")), ("bias", bias)):
+        if value is not None and _attr_path(value) is None:
+            what = value.name if isinstance(value, fx.Node) else type(value).__name__
+            return None, (f"{role} is computed in forward ({what}), not a stored tensor: a fold written into the "
+                          "stored tensor would pass through that computation (weight standardisation, weight "
+                          "norm) and not be exact")
     if kind == "convolution":
         kind = "conv_transpose" if args.get("transposed") else "conv"
+    meta = _tensor_meta(args["weight"])
+    shape = tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
+    geometry = None
+    if kind == "conv" and shape is not None:
+        geometry = conv_geometry(shape[2:], args.get("stride", 1), args.get("padding", 0), args.get("dilation", 1))
     padding = args.get("padding", 0)
     padded = (padding not in ("valid",)) if isinstance(padding, str) else any(
         p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
+    if geometry is not None:
+        padded = any(p != (0, 0) for p in geometry.pads)
     return LayerRef(name=weight.rpartition(".")[0] or weight, kind=kind, weight=weight, bias=_attr_path(bias),
-                    groups=int(args.get("groups", 1)), padded=kind == "conv" and padded)
+                    groups=int(args.get("groups", 1)), padded=kind == "conv" and padded, shape=shape,
+                    geometry=geometry), None
 
 
 def functional_bn_ref(fx_node: fx.Node) -> BNRef:

@@ -8,7 +8,7 @@ not fold comes back as a :class:`Skip` with a reason a user can act on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from bnfold.layers import BNRef, LayerRef
 
@@ -26,15 +26,96 @@ class Node:
     in_rank: int | None = None  # rank of the data input
     calls: int = 1  # how many times this module runs per forward (shared modules run more than once)
     is_output: bool = False  # returned by the model
+    # What the structural rules (:mod:`bnfold.discover.rules`) read; front-ends that cannot tell leave them unset.
+    name: str = ""  # how the host finds this node again (an fx node name, an ONNX node label)
+    op: Literal["add", "concat"] | None = None  # an elementwise sum of its operands, or a concatenation
+    operands: list[tuple[str | None, int | None]] = field(default_factory=list)  # add/concat: (tensor id, producer)
+    source: str | None = None  # id of the data input tensor: two nodes with the same source read the same tensor
+    axis: int | None = None  # concat: the axis, non-negative
+    rank: int | None = None  # rank of the output
+    channels: int | None = None  # size of the output's axis 1
+    refusal: str | None = None  # a conv/linear that cannot take a fold, or a BN that cannot fold at all, and why
+
+
+@dataclass(frozen=True)
+class Part:
+    """One layer's share of a BN that several layers absorb (after a Concat or an Add)."""
+
+    layer: LayerRef
+    channels: tuple[int, int] | None = None  # the BN channels [start, stop) it absorbs (Concat); None: all (Add)
+    shift: bool = True  # absorbs the BN's shift too (exactly one operand of an Add does)
+
+    def describe(self) -> str:
+        if self.channels is not None:
+            return f"{self.layer.name} (Concat slice {self.channels[0]}:{self.channels[1]})"
+        return f"{self.layer.name} ({'scale and shift' if self.shift else 'scale'})"
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One operand of a re-parameterisable Add: ``[conv] -> [BN]``, either part optional (neither: the input itself)."""
+
+    layer: LayerRef | None
+    bn: BNRef | None
+    offsets: tuple[int, ...]  # where its kernel starts inside the merged kernel, per spatial dimension
+    nodes: tuple[str, ...]  # the host names of its conv and BN nodes
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Branches summed by an Add that become one conv: ``target`` takes the Add's place, the rest goes."""
+
+    root: str  # host name of the Add whose output the merged conv produces
+    label: str  # what the user sees for that Add
+    target: LayerRef
+    target_node: str  # host name of the target conv's node
+    branches: tuple[Branch, ...]
+    removed: tuple[str, ...]  # host names of every other node that goes (inner Adds, BNs, other convs)
+
+    def describe(self) -> str:
+        return f"merged {len(self.branches)} branches into {self.target.name}"
 
 
 @dataclass(frozen=True)
 class Fold:
-    """A BN and the layer that absorbs it: ``after`` = layer -> BN, ``before`` = BN -> layer."""
+    """A BN and the layer that absorbs it: ``after`` = layer -> BN, ``before`` = BN -> layer.
+
+    ``concat``/``add``: a BN after a Concat or an Add, absorbed by the layers in ``parts`` (``layer`` is the first).
+    ``merge``: a BN on a branch of an Add that :attr:`merge` turns into one conv (``layer`` is that conv).
+    """
 
     bn: BNRef
     layer: LayerRef
-    position: Literal["after", "before"]
+    position: Literal["after", "before", "concat", "add", "merge"]
+    parts: tuple[Part, ...] = ()
+    merge: Merge | None = None
+
+    @property
+    def layers(self) -> tuple[LayerRef, ...]:
+        """Every layer whose tensors change."""
+        if self.merge is not None:
+            return (self.merge.target,)
+        return tuple(p.layer for p in self.parts) or (self.layer,)
+
+    def describe(self) -> str:
+        """What happened to the BN, for tables: ``folded into conv1``, ``merged 3 branches into stage1.conv``."""
+        if self.merge is not None:
+            return self.merge.describe()
+        if self.parts:
+            return "folded into " + ", ".join(p.describe() for p in self.parts)
+        return f"folded into {self.layer.name} ({self.position})"
+
+    def to_dict(self) -> dict:
+        out: dict = {"bn": self.bn.name, "layer": self.layer.name, "layer_kind": self.layer.kind,
+                     "position": self.position}
+        if self.parts:
+            out["parts"] = [{"layer": p.layer.name, "channels": list(p.channels) if p.channels else None,
+                             "shift": p.shift} for p in self.parts]
+        if self.merge is not None:
+            out["merge"] = {"add": self.merge.label, "into": self.merge.target.name,
+                            "branches": [{"layer": b.layer.name if b.layer else None, "bn": b.bn.name if b.bn else None}
+                                         for b in self.merge.branches]}
+        return out
 
 
 @dataclass(frozen=True)
@@ -59,6 +140,8 @@ class Discovery:
     # label and its consumers' labels. Empty where a front-end builds its Discovery without pair().
     bns: list[BNRef] = field(default_factory=list)
     neighbours: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    # The traced GraphModule (fx front-end only, sharing the model's modules): merges are written into a copy of it.
+    graph: Any = None
 
 
 def unrecognised(discovery: Discovery, stat_paths: list[str]) -> Discovery:
@@ -75,15 +158,30 @@ def unrecognised(discovery: Discovery, stat_paths: list[str]) -> Discovery:
     return discovery
 
 
-def pair(nodes: dict[int, Node], method: str) -> Discovery:
-    """Decide, for every BN node, whether it folds and into what."""
+def pair(nodes: dict[int, Node], method: str, *, structural: bool = True) -> Discovery:
+    """Decide, for every BN node, whether it folds and into what.
+
+    ``structural``: also apply the rules of :mod:`bnfold.discover.rules` (branch merging changes the graph, so a
+    host that must keep the model's structure turns it off).
+    """
+    from bnfold.discover import rules  # the structural rules build on this module's types
+
     found = Discovery(folds=[], skips=[], method=method)
     for node in nodes.values():
-        if node.bn is None or node.bn.name in found.neighbours:
+        if node.bn is not None and node.bn.name not in found.neighbours:
+            found.bns.append(node.bn)
+            found.neighbours[node.bn.name] = _neighbours(node, nodes)
+    merged, merge_reasons = rules.find_merges(nodes) if structural else ([], {})
+    found.folds.extend(merged)
+    work = rules.apply_merges(nodes, merged)
+    done = {f.bn.name for f in merged}
+    for node in work.values():
+        if node.bn is None or node.bn.name in done:
             continue
-        found.bns.append(node.bn)
-        found.neighbours[node.bn.name] = _neighbours(node, nodes)
-        result = _pair_one(node, nodes)
+        done.add(node.bn.name)
+        result = _pair_one(node, work, structural)
+        if isinstance(result, Skip) and result.bn in merge_reasons and result.reason.startswith("not next to"):
+            result = Skip(result.bn, merge_reasons[result.bn])
         (found.folds if isinstance(result, Fold) else found.skips).append(result)
     return found
 
@@ -95,9 +193,11 @@ def _neighbours(node: Node, nodes: dict[int, Node]) -> tuple[str, list[str]]:
     return (src.label if src is not None else MODEL_INPUT), users
 
 
-def _pair_one(node: Node, nodes: dict[int, Node]) -> Fold | Skip:
+def _pair_one(node: Node, nodes: dict[int, Node], structural: bool) -> Fold | Skip:
     bn = node.bn
     assert bn is not None
+    if node.refusal is not None:
+        return Skip(bn.name, node.refusal)
     if bn.batch_stats:
         return Skip(bn.name, "normalises with batch statistics even in eval (track_running_stats=False or no "
                              "running statistics): there are no fixed statistics to fold")
@@ -105,7 +205,15 @@ def _pair_one(node: Node, nodes: dict[int, Node]) -> Fold | Skip:
         return Skip(bn.name, f"runs {node.calls} times per forward: one set of statistics cannot be folded into "
                              "several producers")
     src = nodes.get(node.input) if node.input is not None else None
-    after = _try_after(node, src, nodes) if src is not None and src.layer is not None else None
+    after: Fold | Skip | None = None
+    if src is not None and src.layer is not None:
+        after = _try_after(node, src, nodes)
+    elif src is not None and src.op is not None and structural:
+        from bnfold.discover.rules import through
+
+        after = through(node, src, nodes)
+    elif src is not None and src.refusal is not None:
+        after = Skip(bn.name, f"follows {src.label}, whose {src.refusal}")
     if isinstance(after, Fold):
         return after
     before = _try_before(node, nodes)

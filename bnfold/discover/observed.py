@@ -18,9 +18,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from bnfold.discover.graph import Discovery, Fold, Node, Skip, pair
-from bnfold.layers import BNRef, bn_ref, is_bn_module, producer_ref
+from bnfold.layers import BNRef, LayerRef, bn_ref, conv_geometry, is_bn_module, producer_ref
 
 _FUNCTIONAL_BN = {F.batch_norm, torch.batch_norm}
+# Functional layers, with the kind and the position of (stride, padding, dilation, groups) among their arguments.
+_FUNCTIONAL_LAYERS: dict[Any, tuple[str, tuple[int, int, int, int] | None]] = {
+    F.linear: ("linear", None),
+    **{f: ("conv", (3, 4, 5, 6)) for f in (F.conv1d, F.conv2d, F.conv3d)},
+    **{f: ("conv_transpose", (3, 4, 7, 6)) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)},
+}
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -37,6 +43,7 @@ class _Observer(TorchFunctionMode):
         self.keep_alive: list[torch.Tensor] = []  # ids stay unique while we hold the tensors
         self.active: tuple[nn.Module, int] | None = None  # the leaf module call in progress
         self.paths = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.leaves: dict[int, tuple[str, Any]] = {}
         for name, module in model.named_modules():
             if is_bn_module(module):
@@ -83,9 +90,47 @@ class _Observer(TorchFunctionMode):
             outputs = _tensors(out)
             if outputs:
                 node = self._add(getattr(func, "__name__", str(func)), _tensors((args, kwargs)), outputs)
-                if func in _FUNCTIONAL_BN:
-                    node.bn = self._functional_bn(args, kwargs)
+                data = args[0] if args else kwargs.get("input")
+                if func in _FUNCTIONAL_BN and not (isinstance(data, torch.Tensor) and
+                                                   data.untyped_storage().data_ptr() in self.weights):
+                    node.bn = self._functional_bn(args, kwargs)  # (over a weight it is weight standardisation)
+                elif func in _FUNCTIONAL_LAYERS:
+                    node.layer, node.refusal = self._functional_layer(func, args, kwargs)
+                    if node.layer is not None:
+                        node.label = node.layer.name
         return out
+
+    def _functional_layer(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                          ) -> tuple[LayerRef | None, str | None]:
+        """A functional conv/linear whose weight (and bias) are the model's own tensors, as they are stored."""
+        kind, positions = _FUNCTIONAL_LAYERS[func]
+        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+        if positions is not None:
+            names = ["input", "weight", "bias"] + [""] * 5
+            for name, pos in zip(("stride", "padding", "dilation", "groups"), positions):
+                names[pos] = name
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        weight, bias = bound.get("weight"), bound.get("bias")
+        paths = {}
+        for role, value in (("weight", weight), ("bias", bias)):
+            if isinstance(value, torch.Tensor):
+                paths[role] = self.paths.get(id(value))
+                if paths[role] is None:
+                    return None, (f"{role} is computed in forward, not a stored tensor: a fold written into the "
+                                  "stored tensor would pass through that computation (weight standardisation, "
+                                  "weight norm) and not be exact")
+        if not isinstance(weight, torch.Tensor):
+            return None, None
+        shape = tuple(weight.shape)
+        geometry = None
+        if kind == "conv":
+            geometry = conv_geometry(shape[2:], bound.get("stride", 1), bound.get("padding", 0),
+                                     bound.get("dilation", 1))
+        return LayerRef(name=paths["weight"].rpartition(".")[0] or paths["weight"], kind=kind, weight=paths["weight"],
+                        bias=paths.get("bias"), groups=int(bound.get("groups", 1)),
+                        padded=geometry is not None and any(p != (0, 0) for p in geometry.pads), shape=shape,
+                        geometry=geometry), None
 
     def _functional_bn(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BNRef:
         names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Protocol
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from bnfold.discover.fx import bn_output
-from bnfold.discover.graph import Fold
-from bnfold.fold.math import BNParams, fold_bn_after, fold_bn_before, identity_statistics
+from bnfold.discover.graph import Fold, Merge, Skip
+from bnfold.fold.math import BNParams, BranchTensors, fold_bn_after, fold_bn_before, identity_statistics, merge_branches
 from bnfold.layers import BNRef, LayerRef, bn_replacement, get_tensor
 
 
@@ -32,15 +33,24 @@ class CannotFold(Exception):
 
 
 class TensorHost(Protocol):
-    """What :func:`apply_fold` needs of a model: tensors by path, a bias where there is none, the BN taken out."""
+    """What :func:`apply_fold` needs of a model: tensors by path, a bias where there is none, the BN taken out,
+    and for :func:`apply_merge` a graph rewrite (``merge`` raises :class:`CannotFold` before changing anything)."""
 
-    def claim(self, fold: Fold) -> Fold: ...
+    def claim_layer(self, layer: LayerRef) -> LayerRef: ...
     def get(self, path: str) -> torch.Tensor: ...
     def set(self, path: str, value: torch.Tensor) -> None: ...
     def dtype(self, path: str) -> torch.dtype: ...
     def check(self, fold: Fold) -> None: ...
     def add_bias(self, layer: LayerRef) -> str | None: ...
     def remove_bn(self, ref: BNRef) -> None: ...
+    def merge(self, merge: Merge) -> None: ...
+
+
+def claim(host: TensorHost, fold: Fold) -> Fold:
+    """``fold`` with the current tensors of every layer it writes (see the hosts' ``claim_layer``)."""
+    parts = tuple(dataclasses.replace(p, layer=host.claim_layer(p.layer)) for p in fold.parts)
+    layer = parts[0].layer if parts else host.claim_layer(fold.layer)
+    return dataclasses.replace(fold, layer=layer, parts=parts)
 
 
 def bn_params(host: TensorHost, ref: BNRef) -> BNParams:
@@ -78,6 +88,7 @@ class ModuleHost:
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
+        self._graph_biases: dict[str, str] = {}  # weight path -> bias attribute added to its functional call
 
     def get(self, path: str) -> torch.Tensor:
         return get_tensor(self.root, path)
@@ -95,20 +106,33 @@ class ModuleHost:
             raise CannotFold(f"{cls} overrides forward() and has no activation attribute (act/activation): bnfold "
                              "cannot tell what else it computes")
 
-    def claim(self, fold: Fold) -> Fold:
-        """``fold`` with its layer's current tensors: an earlier fold into the same layer (BN -> conv -> BN) may
-        have given it the bias it had no room for at discovery time."""
-        layer = fold.layer
+    def claim_layer(self, layer: LayerRef) -> LayerRef:
+        """``layer`` with its current tensors: an earlier fold into the same layer (BN -> conv -> BN) may have
+        given it the bias it had no room for at discovery time."""
         if layer.bias is None and layer.module is not None:
             bias = getattr(self.root.get_submodule(layer.module), "bias", None)
             if isinstance(bias, torch.Tensor):
-                return dataclasses.replace(fold, layer=dataclasses.replace(layer, bias=f"{layer.module}.bias"))
-        return fold
+                return dataclasses.replace(layer, bias=f"{layer.module}.bias")
+        if layer.bias is None and layer.module is None and isinstance(self.root, fx.GraphModule):
+            added = self._graph_biases.get(layer.weight)
+            if added is not None:
+                return dataclasses.replace(layer, bias=added)
+        return layer
+
+    def merge(self, merge: Merge) -> None:
+        """Rewrite the graph: the merged conv takes the place of the Add, the other branches go."""
+        if not isinstance(self.root, fx.GraphModule):
+            raise CannotFold("merging branches rewrites the forward, and this model has no graph to rewrite")
+        merge_in_graph(self.root, merge)
 
     def add_bias(self, layer: LayerRef) -> str | None:
         """Give ``layer`` a zero bias and return its path, or None when the host cannot."""
         if layer.module is None:
-            return None
+            if not isinstance(self.root, fx.GraphModule):
+                return None
+            path = graph_add_bias(self.root, layer)
+            self._graph_biases[layer.weight] = path
+            return path
         module = self.root.get_submodule(layer.module)
         weight = module.weight
         out = weight.shape[1] * layer.groups if layer.kind == "conv_transpose" else weight.shape[0]
@@ -138,16 +162,85 @@ def neutralise(host: TensorHost, ref: BNRef, shift: torch.Tensor | None = None) 
         host.set(ref.bias, identity.beta)
 
 
-def apply_fold(host: TensorHost, fold: Fold) -> None:
-    """Fold one BN into its layer and take the BN out of the computation."""
-    layer, ref = fold.layer, fold.bn
-    params = bn_params(host, ref)
-    host.check(fold)
+def _layer_tensors(host: TensorHost, layer: LayerRef) -> tuple[torch.Tensor, torch.Tensor | None]:
     weight = host.get(layer.weight)
     bias = host.get(layer.bias) if layer.bias else None
     for label, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and not torch.isfinite(tensor).all():
             raise CannotFold(f"the {label} of {layer.name} is not finite (NaN/Inf): it is broken before any folding")
+    return weight, bias
+
+
+def _check_stored(host: TensorHost, layer: LayerRef, *tensors: torch.Tensor) -> None:
+    stored = host.dtype(layer.weight)
+    if not all(torch.isfinite(t.to(stored)).all() for t in tensors):
+        limit = torch.finfo(stored).max
+        raise CannotFold(f"folded weights of {layer.name} overflow {str(stored).removeprefix('torch.')} (max "
+                         f"{limit:.6g}): a tiny running_var magnifies them; keep this BN, or fold in float32")
+
+
+def apply_plan(host: TensorHost, folds: list[Fold]) -> tuple[list[Fold], list[Skip]]:
+    """Apply ``folds`` in order (each merge once, for all its BNs): what was applied, and what the tensors or
+    the host refused, each with its reason."""
+    applied: list[Fold] = []
+    refused: list[Skip] = []
+    merges: dict[Merge, str | None] = {}  # merge -> why it was refused (None: done)
+    for fold in folds:
+        try:
+            if fold.merge is not None:
+                if fold.merge not in merges:
+                    try:
+                        apply_merge(host, fold.merge)
+                        merges[fold.merge] = None
+                    except CannotFold as exc:
+                        merges[fold.merge] = str(exc)
+                if merges[fold.merge] is not None:
+                    raise CannotFold(merges[fold.merge])
+            else:
+                failed = next((m for m, why in merges.items() if why and m.target in fold.layers), None)
+                if failed is not None:
+                    raise CannotFold(f"{failed.target.name} was to be the merge of {failed.label}, which did not happen")
+                apply_fold(host, claim(host, fold))
+        except CannotFold as exc:
+            refused.append(Skip(fold.bn.name, str(exc)))
+        else:
+            applied.append(fold)
+    return applied, refused
+
+
+def apply_merge(host: TensorHost, merge: Merge) -> None:
+    """Merge the branches of ``merge`` into its target conv and take the rest out of the graph."""
+    target = host.claim_layer(merge.target)
+    branches = []
+    for branch in merge.branches:
+        layer = target if branch.layer == merge.target else branch.layer
+        weight, bias = _layer_tensors(host, layer) if layer is not None else (None, None)
+        params = bn_params(host, branch.bn) if branch.bn is not None else None
+        branches.append(BranchTensors(weight, bias, params, branch.offsets))
+    weight = host.get(target.weight)
+    try:
+        new_w, new_b = merge_branches(tuple(weight.shape), target.groups, branches, weight.dtype)
+    except ValueError as exc:
+        raise CannotFold(str(exc)) from None
+    _check_stored(host, target, new_w, new_b)
+    bias_path = target.bias or host.add_bias(target)
+    if bias_path is None:
+        raise CannotFold(f"{target.name} has no bias and bnfold cannot give it one: nowhere to keep the merged shift")
+    host.merge(merge)
+    host.set(target.weight, new_w)
+    host.set(bias_path, new_b)
+
+
+def apply_fold(host: TensorHost, fold: Fold) -> None:
+    """Fold one BN into its layer (or the layers in ``fold.parts``) and take the BN out of the computation.
+    ``fold`` comes from :func:`claim`; merges go through :func:`apply_merge`."""
+    if fold.parts:
+        _apply_parts(host, fold)
+        return
+    layer, ref = fold.layer, fold.bn
+    params = bn_params(host, ref)
+    host.check(fold)
+    weight, bias = _layer_tensors(host, layer)
     try:
         if fold.position == "after":
             groups = layer.groups if layer.kind == "conv_transpose" else 1
@@ -156,11 +249,7 @@ def apply_fold(host: TensorHost, fold: Fold) -> None:
             new_w, new_b = fold_bn_before(weight, bias, params, groups=layer.groups)
     except ValueError as exc:  # channel counts disagree: discovery paired the wrong tensors
         raise CannotFold(str(exc)) from None
-    stored = host.dtype(layer.weight)
-    if not (torch.isfinite(new_w.to(stored)).all() and torch.isfinite(new_b.to(stored)).all()):
-        limit = torch.finfo(stored).max
-        raise CannotFold(f"folded weights of {layer.name} overflow {str(stored).removeprefix('torch.')} (max "
-                         f"{limit:.6g}): a tiny running_var magnifies them; keep this BN, or fold in float32")
+    _check_stored(host, layer, new_w, new_b)
     bias_path = layer.bias or host.add_bias(layer)
     if bias_path is None and (fold.position == "before" or ref.bias is None):
         where = "the BN is not affine" if fold.position == "after" else "a BN before it cannot hold its shift"
@@ -171,6 +260,44 @@ def apply_fold(host: TensorHost, fold: Fold) -> None:
         host.remove_bn(ref)
     else:  # BN after a bias-less layer: the BN keeps only the shift
         neutralise(host, ref, shift=new_b)
+
+
+def _apply_parts(host: TensorHost, fold: Fold) -> None:
+    """A BN after a Concat (each part absorbs its channels) or an Add (each part the scale, one the shift)."""
+    params = bn_params(host, fold.bn)
+    host.check(fold)
+    results = []
+    for part in fold.parts:
+        layer = part.layer
+        weight, bias = _layer_tensors(host, layer)
+        try:
+            share = params.channels(*part.channels) if part.channels is not None else params
+            groups = layer.groups if layer.kind == "conv_transpose" else 1
+            new_w, new_b = fold_bn_after(weight, bias, share, channel_axis=layer.out_channel_axis, groups=groups,
+                                         shift=part.shift)
+        except ValueError as exc:
+            raise CannotFold(f"{layer.name}: {exc}") from None
+        _check_stored(host, layer, new_w, new_b)
+        results.append((layer, new_w, new_b, bias is not None or part.shift))
+    # A zero bias changes nothing, so biases are given first. A layer that cannot get one (a host that keeps
+    # the structure) leaves its share of the shift in the BN, which then computes z + shift.
+    biases: dict[LayerRef, str | None] = {}
+    leftover = torch.zeros(params.num_features, dtype=torch.float64)
+    for part, (layer, _, new_b, needs_bias) in zip(fold.parts, results):
+        if needs_bias:
+            biases[layer] = layer.bias or host.add_bias(layer)
+            if biases[layer] is None:
+                leftover[slice(*part.channels) if part.channels else slice(None)] += new_b.to(torch.float64)
+    if biases and None in biases.values() and fold.bn.bias is None:
+        raise CannotFold("a layer has no bias and the BN is not affine: nowhere to keep the folded shift")
+    for layer, new_w, new_b, needs_bias in results:
+        host.set(layer.weight, new_w)
+        if needs_bias and biases[layer] is not None:
+            host.set(biases[layer], new_b)
+    if None in biases.values():
+        neutralise(host, fold.bn, shift=leftover)
+    else:
+        host.remove_bn(fold.bn)
 
 
 class KeepStructureHost(ModuleHost):
@@ -185,6 +312,9 @@ class KeepStructureHost(ModuleHost):
 
     def remove_bn(self, ref: BNRef) -> None:
         neutralise(self, ref)
+
+    def merge(self, merge: Merge) -> None:
+        raise CannotFold("merging branches changes the architecture, and this model keeps its structure")
 
 
 class ScriptHost(KeepStructureHost):
@@ -201,28 +331,7 @@ class GraphHost(ModuleHost):
         pass
 
     def _node(self, attr_arg: int, path: str):
-        for node in self.root.graph.nodes:
-            if node.op == "call_function" and any(getattr(a, "target", None) == path for a in node.args[attr_arg:attr_arg + 4]):
-                return node
-        raise CannotFold(f"no graph node reads {path}")
-
-    def add_bias(self, layer: LayerRef) -> str | None:
-        gm = self.root
-        node = self._node(1, layer.weight)
-        weight = get_tensor(gm, layer.weight)
-        out = weight.shape[1] * layer.groups if layer.kind == "conv_transpose" else weight.shape[0]
-        name = f"_bnfold_bias_{len([n for n, _ in gm.named_parameters() if n.startswith('_bnfold_bias_')])}"
-        gm.register_parameter(name, nn.Parameter(torch.zeros(out, dtype=weight.dtype), requires_grad=False))
-        with gm.graph.inserting_before(node):
-            attr = gm.graph.get_attr(name)
-        if "bias" in node.kwargs:
-            node.kwargs = {**node.kwargs, "bias": attr}
-        else:
-            args = list(node.args) + [None] * max(0, 3 - len(node.args))
-            args[2] = attr
-            node.args = tuple(args)
-        gm.recompile()
-        return name
+        return _reader(self.root, attr_arg, path)
 
     def remove_bn(self, ref: BNRef) -> None:
         gm = self.root
@@ -235,3 +344,57 @@ class GraphHost(ModuleHost):
             gm.graph.erase_node(user)
         gm.graph.erase_node(node)
         gm.recompile()
+
+
+def _reader(gm: fx.GraphModule, attr_arg: int, path: str) -> fx.Node:
+    """The call reading attribute ``path`` among its arguments ``attr_arg`` to ``attr_arg + 3``."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and any(getattr(a, "target", None) == path for a in node.args[attr_arg:attr_arg + 4]):
+            return node
+    raise CannotFold(f"no graph node reads {path}")
+
+
+def graph_add_bias(gm: fx.GraphModule, layer: LayerRef) -> str:
+    """A zero bias attribute for the functional conv/linear call reading ``layer.weight``; returns its path."""
+    node = _reader(gm, 1, layer.weight)
+    weight = get_tensor(gm, layer.weight)
+    out = weight.shape[1] * layer.groups if layer.kind == "conv_transpose" else weight.shape[0]
+    name = f"_bnfold_bias_{len([n for n, _ in gm.named_parameters() if n.startswith('_bnfold_bias_')])}"
+    gm.register_parameter(name, nn.Parameter(torch.zeros(out, dtype=weight.dtype, device=weight.device),
+                                             requires_grad=False))
+    with gm.graph.inserting_before(node):
+        attr = gm.graph.get_attr(name)
+    if "bias" in node.kwargs:
+        node.kwargs = {**node.kwargs, "bias": attr}
+    else:
+        args = list(node.args) + [None] * max(0, 3 - len(node.args))
+        args[2] = attr
+        node.args = tuple(args)
+    gm.recompile()
+    return name
+
+
+def merge_in_graph(gm: fx.GraphModule, merge: Merge) -> None:
+    """The graph side of a merge: the target conv's output replaces the Add's, and the Add tree, the other
+    convs and the BNs are erased with the attributes only they read. Checks everything before changing anything."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    missing = [name for name in (merge.root, merge.target_node, *merge.removed) if name not in by_name]
+    if missing:
+        raise CannotFold(f"the graph has no node {missing[0]} any more")
+    root, target = by_name[merge.root], by_name[merge.target_node]
+    doomed = {root, *(by_name[name] for name in merge.removed)}
+    doomed |= {u for n in list(doomed) for u in n.users if u.target is operator.getitem}  # tuple outputs of BN ops
+    for node in doomed - {root}:
+        outside = [u.name for u in node.users if u not in doomed and u is not root]
+        if outside:
+            raise CannotFold(f"{node.name} is also read by {outside[0]}")
+    attrs = {a for n in doomed for a in n.all_input_nodes if a.op == "get_attr"}
+    root.replace_all_uses_with(target)
+    for node in reversed(list(gm.graph.nodes)):
+        if node in doomed:
+            gm.graph.erase_node(node)
+    for node in attrs:
+        if not node.users:
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()

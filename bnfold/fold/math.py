@@ -47,6 +47,13 @@ class BNParams:
     def num_features(self) -> int:
         return int(self.mean.numel())
 
+    def channels(self, start: int, stop: int) -> BNParams:
+        """The statistics of channels ``[start, stop)`` (a Concat operand's share)."""
+        if not 0 <= start < stop <= self.num_features:
+            raise ValueError(f"channels {start}:{stop} are not within the BatchNorm's {self.num_features} features")
+        cut = (lambda t: None if t is None else t[start:stop])
+        return BNParams(self.mean[start:stop], self.var[start:stop], self.eps, cut(self.gamma), cut(self.beta))
+
     def scale_shift(self) -> tuple[Tensor, Tensor]:
         """``(s, t)`` in float64 so that ``BN(z) = s * z + t``."""
         mean = self.mean.detach().to(torch.float64)
@@ -84,12 +91,14 @@ def fold_bn_after(
     *,
     channel_axis: int = 0,
     groups: int = 1,
+    shift: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Fold a BN that follows a producer ``y = W x + b`` into the producer's weight and bias.
 
     ``channel_axis`` is the producer weight's output-channel axis: 0 for Conv/Linear, 1 for
-    ConvTranspose (then ``groups`` splits axis 0 into groups). Returns ``(weight, bias)`` in the
-    weight's dtype.
+    ConvTranspose (then ``groups`` splits axis 0 into groups). ``shift=False`` folds the scale only
+    (``s * W``, ``s * b``): the other operands of an Add before the BN, whose shift one operand takes.
+    Returns ``(weight, bias)`` in the weight's dtype.
     """
     dtype = weight.dtype
     out_channels = weight.shape[channel_axis] * (groups if channel_axis == 1 else 1)
@@ -101,7 +110,7 @@ def fold_bn_after(
     w64 = weight.detach().to(torch.float64)
     b64 = torch.zeros_like(s) if bias is None else bias.detach().to(torch.float64)
     new_w = _scale_channels(w64, s, channel_axis, groups)
-    new_b = s * b64 + t  # = s * (b - mean) + beta
+    new_b = s * b64 + (t if shift else 0.0)  # = s * (b - mean) + beta
     return new_w.to(dtype), new_b.to(dtype)
 
 
@@ -131,6 +140,55 @@ def fold_bn_before(
     view, shift = _grouped(w64, t, 1, groups)
     contribution = (view * shift).flatten(2).sum(-1).reshape(-1)
     return new_w.to(dtype), (b64 + contribution).to(dtype)
+
+
+@dataclass(frozen=True)
+class BranchTensors:
+    """One operand of a re-parameterisable sum: ``BN(conv(x))``, ``conv(x)``, ``BN(x)`` or ``x``."""
+
+    weight: Tensor | None  # None: the identity (a kernel of ones on each channel's own input)
+    bias: Tensor | None
+    bn: BNParams | None
+    offsets: tuple[int, ...]  # where its kernel starts inside the merged kernel, per spatial dimension
+
+
+def merge_branches(shape: tuple[int, ...], groups: int, branches: list[BranchTensors],
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """One conv computing the sum of ``branches`` (all with the same stride, dilation and groups): ``(W, b)``.
+
+    Each branch is ``y_i = s_i * (K_i * x + b_i) + t_i`` (``s_i = 1, t_i = 0`` without a BN; ``K_i`` the
+    identity kernel for a branch without a conv); convolution is linear in its kernel, so
+    ``sum y_i = (sum s_i * pad(K_i)) * x + sum (s_i * b_i + t_i)`` once every kernel is zero-padded to
+    ``shape`` (``(out, in/groups, *k)``) at its offsets. Computed in float64, returned in ``dtype``.
+    """
+    out, per_group = shape[0], shape[1]
+    weight = torch.zeros(shape, dtype=torch.float64)
+    bias = torch.zeros(out, dtype=torch.float64)
+    for branch in branches:
+        if branch.weight is None:
+            if per_group * groups != out:
+                raise ValueError(f"an identity branch needs as many input as output channels ({per_group * groups} "
+                                 f"-> {out})")
+            kernel = torch.zeros((out, per_group) + (1,) * (len(shape) - 2), dtype=torch.float64)
+            channel = torch.arange(out)
+            kernel[(channel, channel % per_group) + (0,) * (len(shape) - 2)] = 1.0
+        else:
+            kernel = branch.weight.detach().to(torch.float64)
+            if kernel.shape[:2] != torch.Size(shape[:2]):
+                raise ValueError(f"a branch kernel of shape {tuple(kernel.shape)} does not merge into {shape}")
+        b = torch.zeros(out, dtype=torch.float64) if branch.bias is None else branch.bias.detach().to(torch.float64)
+        if branch.bn is not None:
+            if branch.bn.num_features != out:
+                raise ValueError(f"a branch BatchNorm has {branch.bn.num_features} features, the merged conv {out}")
+            s, t = branch.bn.scale_shift()
+            kernel = kernel * s.reshape((-1,) + (1,) * (kernel.dim() - 1))
+            b = s * b + t
+        window = (slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(branch.offsets, kernel.shape[2:]))
+        if weight[window].shape != kernel.shape:
+            raise ValueError(f"a branch kernel of shape {tuple(kernel.shape)} does not fit {shape} at {branch.offsets}")
+        weight[window] += kernel
+        bias += b
+    return weight.to(dtype), bias.to(dtype)
 
 
 def identity_statistics(num_features: int, eps: float, dtype: torch.dtype, shift: Tensor | None = None) -> BNParams:

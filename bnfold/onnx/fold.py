@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from bnfold.discover.graph import Discovery, Fold, Skip
-from bnfold.fold.apply import CannotFold, apply_fold
+from bnfold.fold.apply import apply_plan
 from bnfold.onnx.graph import OnnxHost, check_supported, plan, translate
 
 
@@ -51,15 +51,7 @@ def fold_graph(model: onnx.ModelProto, *, copy: bool = True) -> OnnxFoldResult:
         work.CopyFrom(model)
     found = plan(translate(work))
     host = OnnxHost(work)
-    folded: list[Fold] = []
-    refused: list[Skip] = []
-    for fold in found.folds:
-        claimed = host.claim(fold)
-        try:
-            apply_fold(host, claimed)
-        except CannotFold as exc:
-            refused.append(Skip(fold.bn.name, str(exc)))
-        else:
-            folded.append(fold)  # as discovered: the names the user knows (a shared weight's copy is in the notes)
+    # Folds are reported as discovered: the names the user knows (a shared weight's copy is in the notes).
+    folded, refused = apply_plan(host, found.folds)
     host.finish()
     return OnnxFoldResult(work, folded, refused + found.skips, found.notes + host.notes)

@@ -27,10 +27,10 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
-from bnfold.discover.graph import Discovery, Fold, Node, Skip, pair
+from bnfold.discover.graph import Discovery, Fold, Merge, Node, Skip, pair
 from bnfold.errors import LoadError
 from bnfold.fold.apply import CannotFold
-from bnfold.layers import BNRef, LayerRef
+from bnfold.layers import BNRef, Geometry, LayerRef
 
 #: Oldest default-domain opset folded. BatchNormalization-7/8 compute what BatchNormalization-9 does when
 #: ``spatial=1`` (their default), and ``spatial=0`` is refused per node; opset 6 and older have ``is_test``
@@ -299,21 +299,38 @@ def _layer_ref(node: onnx.NodeProto, position: int, index: GraphIndex, ranks: di
     if op in ("Conv", "ConvTranspose"):
         kind = "conv" if op == "Conv" else "conv_transpose"
         return LayerRef(label, kind, weight, bias or None, groups=int(attrs.get("group", 1)),
-                        padded=op == "Conv" and _padded(node), module=label), None, None
+                        padded=op == "Conv" and _padded(node), module=label, shape=shape,
+                        geometry=_geometry(attrs, shape) if op == "Conv" else None), None, None
     if len(shape) != 2:
         return None, f"weight '{weight}' has shape {shape}: only a 2-D constant weight folds", None
     if op == "Gemm":
-        return LayerRef(label, "linear", weight, bias or None, module=label), None, None
+        torch_shape = shape if attrs.get("transB", 0) == 1 else shape[::-1]
+        return LayerRef(label, "linear", weight, bias or None, module=label, shape=torch_shape), None, None
     if ranks.get(inputs[0]) is None:
         return None, (f"input '{inputs[0]}' has unknown rank, so bnfold cannot tell whether the BN's axis 1 is its "
                       "feature axis; give the graph inputs a fixed rank"), None
     found = _bias_add(index, graph, position, shape[1])
     bias_node, bias = found if found else (None, None)
-    return LayerRef(label, "linear", weight, bias, module=label), None, bias_node
+    return LayerRef(label, "linear", weight, bias, module=label, shape=shape[::-1]), None, bias_node
 
 
-def _ranks(model: onnx.ModelProto) -> tuple[dict[str, int], list[str]]:
-    """The rank of every name shape inference can tell, run on a copy whose large weights are type and dims only
+def _geometry(attrs: dict[str, object], shape: tuple[int, ...]) -> Geometry | None:
+    """A Conv's stride, dilation and pads (None where ``auto_pad`` leaves the pads to the input size)."""
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    dims = len(shape) - 2
+    if auto_pad in _PADDING_AUTO:
+        return None
+    pads = list(attrs.get("pads", [0] * 2 * dims)) if auto_pad != "VALID" else [0] * 2 * dims
+    strides = tuple(attrs.get("strides", [1] * dims))
+    dilations = tuple(attrs.get("dilations", [1] * dims))
+    if len(pads) != 2 * dims or len(strides) != dims or len(dilations) != dims:
+        return None
+    return Geometry(strides, dilations, tuple(zip(pads[:dims], pads[dims:])))
+
+
+def _shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[int | None, ...]], list[str]]:
+    """The shape (None for an unknown dimension) of every name shape inference can tell, run on a copy whose large weights are type and dims only
     (cheap, and below protobuf's 2 GB limit whatever the model's size)."""
     skeleton = onnx.ModelProto()
     _copy_fields(model, skeleton, skip="graph")
@@ -332,13 +349,13 @@ def _ranks(model: onnx.ModelProto) -> tuple[dict[str, int], list[str]]:
         # the fold goes on without ranks
         inferred = skeleton
         notes.append(f"shape inference failed ({type(exc).__name__}); MatMul layers of unknown rank are not folded")
-    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    shapes: dict[str, tuple[int | None, ...]] = {t.name: tuple(t.dims) for t in model.graph.initializer}
     graph = inferred.graph
     for info in [*graph.input, *graph.value_info, *graph.output]:
         tensor_type = info.type.tensor_type
         if info.type.HasField("tensor_type") and tensor_type.HasField("shape"):
-            ranks[info.name] = len(tensor_type.shape.dim)
-    return ranks, notes
+            shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+    return shapes, notes
 
 
 def _copy_fields(source, target, skip: str) -> None:
@@ -359,7 +376,8 @@ def translate(model: onnx.ModelProto) -> Translation:
     """One pairing node per node of ``model``'s main graph (see the module docstring)."""
     graph = model.graph
     index = GraphIndex.of(graph)
-    ranks, notes = _ranks(model)
+    shapes, notes = _shapes(model)
+    ranks = {name: len(shape) for name, shape in shapes.items()}
     nodes: dict[int, Node] = {}
     bn_reasons: dict[str, str] = {}
     layer_reasons: dict[int, str] = {}
@@ -368,19 +386,28 @@ def translate(model: onnx.ModelProto) -> Translation:
         label = index.labels[position]
         data = onnx_node.input[0] if onnx_node.input else ""
         node = nodes.setdefault(position, Node(key=position, label=label))
+        node.name = label
         node.input = index.producer.get(data) if data else None
         node.in_rank = ranks.get(data) if data else None
+        node.source = data or None
         node.is_output = any(o in index.outputs for o in onnx_node.output)
+        out_shape = shapes.get(onnx_node.output[0]) if onnx_node.output else None
+        if out_shape is not None:
+            node.rank, node.channels = len(out_shape), out_shape[1] if len(out_shape) > 1 else None
         standard = onnx_node.domain in ("", "ai.onnx")
+        if standard and node.layer is None and onnx_node.op_type in ("Add", "Sum", "Concat"):
+            _mark_structure(node, onnx_node, index)
         if standard and onnx_node.op_type == "BatchNormalization":
             node.bn, reason = _bn_ref(onnx_node, label, index)
             if reason:
                 bn_reasons[label] = reason
+                node.refusal = reason
         elif standard and onnx_node.op_type in _LAYER_OPS and len(onnx_node.input) >= 2:
             layer, reason, bias_node = _layer_ref(onnx_node, position, index, ranks, graph)
             node.layer = layer
             if reason:
                 layer_reasons[position] = reason
+                node.refusal = reason
             if bias_node is not None:  # the bias Add carries the same layer: a BN after it folds into both
                 nodes[bias_node] = Node(key=bias_node, label=index.labels[bias_node], layer=layer)
             if onnx_node.op_type == "Gemm" and _attrs(onnx_node).get("transA", 0) == 1:
@@ -397,6 +424,18 @@ def translate(model: onnx.ModelProto) -> Translation:
                           "graph only")
               for pos, onnx_node in enumerate(graph.node) for label in _nested_bns(onnx_node, index.labels[pos])]
     return Translation(nodes, bn_reasons, layer_reasons, rows_as_input, nested, notes)
+
+
+def _mark_structure(node: Node, onnx_node: onnx.NodeProto, index: GraphIndex) -> None:
+    """An Add, Sum or Concat for the structural rules: its operands, and a Concat's axis."""
+    operands = []
+    for name in onnx_node.input:
+        constant = not name or name in index.constants or (name in index.inputs and name in index.initializers)
+        operands.append((None, None) if constant else (name, index.producer.get(name)))
+    node.op, node.operands = ("concat" if onnx_node.op_type == "Concat" else "add"), operands
+    if onnx_node.op_type == "Concat":
+        axis = int(_attrs(onnx_node).get("axis", 1))
+        node.axis = axis + node.rank if axis < 0 and node.rank is not None else axis
 
 
 def _nested_bns(node: onnx.NodeProto, prefix: str) -> Iterator[str]:
@@ -602,14 +641,13 @@ class OnnxHost:
             self._rewire(reader, slot, source)
 
     # -- ONNX only
-    def claim(self, fold: Fold) -> Fold:
-        """``fold`` with its layer's current tensors, each read by the layer alone (copied when shared).
+    def claim_layer(self, layer: LayerRef) -> LayerRef:
+        """``layer`` with its current tensors, each read by the layer alone (copied when shared).
 
         A weight two nodes read must not change for the one that keeps its BN: the folding node gets a copy
         under a new name. The bias is looked up again, since an earlier fold into the same layer may have added
         one.
         """
-        layer = fold.layer
         node = self._by_label[layer.name]
         names: dict[str, str | None] = {}
         for role, found in (("weight", (node, 1)), ("bias", self._bias_slot(layer, node))):
@@ -625,7 +663,23 @@ class OnnxHost:
                                   f"'{copy}'")
                 name = copy
             names[role] = name
-        return dataclasses.replace(fold, layer=dataclasses.replace(layer, weight=names["weight"], bias=names["bias"]))
+        return dataclasses.replace(layer, weight=names["weight"], bias=names["bias"])
+
+    def merge(self, merge: Merge) -> None:
+        """The merged conv writes the Add's output; the Add tree, the BNs and the other convs are dropped."""
+        missing = [n for n in (merge.root, merge.target_node, *merge.removed) if n not in self._by_label]
+        if missing:
+            raise CannotFold(f"the graph has no node {missing[0]}")
+        root, target = self._by_label[merge.root], self._by_label[merge.target_node]
+        doomed = [root, *(self._by_label[n] for n in merge.removed)]
+        if any(id(n) in self._dropped for n in (*doomed, target)):
+            raise CannotFold("a node of this merge was already taken out by another fold")
+        for node in doomed:
+            self._unindex(node)
+            self._dropped.add(id(node))
+        self._unindex(target)
+        target.output[0] = root.output[0]
+        self._index(target)
 
     def finish(self) -> None:
         """Write the edited node list and drop initializers, Constants and value_info nothing uses any more."""

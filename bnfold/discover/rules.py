@@ -1,0 +1,260 @@
+"""The structural rules: BNs that no single layer next to them can absorb, but several layers together can.
+
+Stated once on the pairing graph of :mod:`bnfold.discover.graph`, so the same rules serve torch.fx graphs,
+``torch.export`` graphs and ONNX graphs (each front-end marks Adds and Concats with :attr:`Node.op`):
+
+* :func:`find_merges`: **branch merging** (re-parameterisation). An Add whose operands all read one input
+  through ``conv -> BN``, ``conv``, ``BN`` (an identity kernel) or nothing (the input itself) is one conv:
+  every kernel is scaled by its BN, padded to the largest kernel and summed, the biases summed. RepVGG,
+  MobileOne and DBB train this way; timm's ``reparameterize_model`` does it with the model's own code.
+* :func:`through`, Concat: a BN after a channel Concat of conv/linear outputs (each used only by the Concat)
+  is a per-slice fold: each producer absorbs its channels of the BN.
+* :func:`through`, Add: a BN after an Add of conv/linear outputs (each used only by the Add) scales every
+  operand; one operand also absorbs the shift: ``BN(a + b) = s*a + s*b + t``.
+
+Each rule checks its conditions on the graph alone and, when one fails, says which and where.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from bnfold.discover.graph import Branch, Fold, Merge, Node, Part, Skip
+from bnfold.layers import LayerRef
+
+
+def out_channels(layer: LayerRef) -> int | None:
+    """The layer's output channels, from its weight shape in torch's layout."""
+    if layer.shape is None:
+        return None
+    return layer.shape[1] * layer.groups if layer.kind == "conv_transpose" else layer.shape[0]
+
+
+def _only_reader(node: Node, readers: set[int]) -> bool:
+    """``node``'s output is read once, by one of ``readers``, and is not a model output."""
+    return len(node.users) == 1 and node.users[0] in readers and not node.is_output
+
+
+def _add_tree(root: Node, nodes: dict[int, Node]) -> tuple[list[tuple[str | None, int | None]], list[int]]:
+    """The operands of a sum of Adds (an Add whose output only another Add reads belongs to it): (leaves, inner)."""
+    leaves: list[tuple[str | None, int | None]] = []
+    inner: list[int] = []
+
+    def walk(node: Node) -> None:
+        for ident, key in node.operands:
+            child = nodes.get(key) if key is not None else None
+            if child is not None and child.op == "add" and _only_reader(child, {node.key}):
+                inner.append(child.key)
+                walk(child)
+            else:
+                leaves.append((ident, key))
+
+    walk(root)
+    return leaves, inner
+
+
+def _is_inner(node: Node, nodes: dict[int, Node]) -> bool:
+    return len(node.users) == 1 and not node.is_output and nodes.get(node.users[0], Node(-1, "")).op == "add"
+
+
+# -- branch merging -----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Raw:
+    conv: Node | None
+    bn: Node | None
+    source: str | None  # the tensor the branch reads
+
+
+def _classify(ident: str | None, key: int | None, tree: set[int], nodes: dict[int, Node]) -> _Raw:
+    node = nodes.get(key) if key is not None else None
+    if node is None:
+        return _Raw(None, None, ident)
+    own = _only_reader(node, tree) and node.calls == 1
+    if node.bn is not None and own and node.bn.plain and not node.bn.batch_stats and node.refusal is None:
+        conv = nodes.get(node.input) if node.input is not None else None
+        if conv is not None and conv.layer is not None and _only_reader(conv, {node.key}) and conv.calls == 1:
+            return _Raw(conv, node, conv.source)
+        return _Raw(None, node, node.source)
+    if node.layer is not None and own:
+        return _Raw(node, None, node.source)
+    return _Raw(None, None, ident)
+
+
+def find_merges(nodes: dict[int, Node]) -> tuple[list[Fold], dict[str, str]]:
+    """Every re-parameterisable Add: the folds of the BNs it merges, and for blocks that look like one but
+    cannot merge, a reason for each BN on a branch without a conv (the others still fold into their conv)."""
+    folds: list[Fold] = []
+    reasons: dict[str, str] = {}
+    for root in nodes.values():
+        if root.op != "add" or not root.name or _is_inner(root, nodes):
+            continue
+        leaves, inner = _add_tree(root, nodes)
+        tree = {root.key, *inner}
+        raws = [_classify(ident, key, tree, nodes) for ident, key in leaves]
+        sources = [r.source for r in raws]
+        if (len(raws) < 2 or not any(r.bn for r in raws) or not any(r.conv for r in raws)
+                or max(sources.count(s) for s in sources) < 2):
+            continue  # not a re-parameterisable block
+        merged = _merge(root, inner, raws, nodes)
+        if isinstance(merged, Merge):
+            folds.extend(Fold(b.bn, merged.target, "merge", merge=merged) for b in merged.branches if b.bn)
+        else:
+            for raw in raws:
+                if raw.bn is not None and raw.conv is None:
+                    reasons[raw.bn.bn.name] = f"on a branch of {root.label} that cannot merge into one conv: {merged}"
+    return folds, reasons
+
+
+def _merge(root: Node, inner: list[int], raws: list[_Raw], nodes: dict[int, Node]) -> Merge | str:
+    """The merge of ``raws`` into one conv, or why they cannot merge."""
+    if len({r.source for r in raws}) > 1 or raws[0].source is None:
+        what = ", ".join(sorted({(r.conv or r.bn).label if (r.conv or r.bn) else "another input" for r in raws}))
+        return f"its operands ({what}) do not all read the same input"
+    convs = [r.conv for r in raws if r.conv is not None]
+    layers = [c.layer for c in convs]
+    for layer in layers:
+        if layer.kind != "conv":
+            return f"{layer.name} is a {layer.kind}, not a conv"
+        if layer.geometry is None or layer.shape is None:
+            return f"bnfold cannot tell the padding of {layer.name} (auto_pad or an unknown weight shape)"
+        if layer.geometry.pad_mode != "zeros":
+            return f"{layer.name} pads with {layer.geometry.pad_mode}, not zeros"
+    if len({r.conv.key for r in raws if r.conv}) != len(convs):
+        return "a conv appears twice among the operands"
+    first = layers[0]
+    for layer in layers[1:]:
+        for what, a, b in (("stride", first.geometry.stride, layer.geometry.stride),
+                           ("dilation", first.geometry.dilation, layer.geometry.dilation),
+                           ("groups", first.groups, layer.groups),
+                           ("output channels", first.shape[0], layer.shape[0]),
+                           ("input channels", first.shape[1], layer.shape[1]),
+                           ("kernel rank", len(first.shape), len(layer.shape))):
+            if a != b:
+                return f"{first.name} and {layer.name} differ in {what} ({_fmt(a)} vs {_fmt(b)})"
+    target_index = max(range(len(convs)), key=lambda i: (math.prod(layers[i].shape[2:]), -i))
+    target, target_node = layers[target_index], convs[target_index]
+    geometry = target.geometry
+    identities = [r for r in raws if r.conv is None]
+    if identities:
+        if any(s != 1 for s in geometry.stride):
+            return f"an identity branch cannot merge into convs with stride {_fmt(geometry.stride)}"
+        if target.shape[1] * target.groups != target.shape[0]:
+            return (f"an identity branch needs as many input as output channels ({target.name}: "
+                    f"{target.shape[1] * target.groups} -> {target.shape[0]})")
+        for raw in identities:
+            if raw.bn is not None and raw.bn.channels not in (None, target.shape[0]):
+                return f"{raw.bn.bn.name} has {raw.bn.channels} channels, {target.name} {target.shape[0]}"
+    branches: list[Branch] = []
+    for raw in raws:
+        layer = raw.conv.layer if raw.conv else None
+        kernel = layer.shape[2:] if layer else (1,) * (len(target.shape) - 2)
+        pads = layer.geometry.pads if layer else ((0, 0),) * len(kernel)
+        offsets = _offsets(kernel, pads, target.shape[2:], geometry.pads, geometry.dilation)
+        if offsets is None:
+            what = layer.name if layer else "the identity"
+            return (f"the kernel of {what} does not sit inside {target.name}'s at the same place (paddings "
+                    f"{_fmt(pads)} vs {_fmt(geometry.pads)})")
+        names = tuple(n.name for n in (raw.conv, raw.bn) if n is not None)
+        branches.append(Branch(layer, raw.bn.bn if raw.bn else None, offsets, names))
+    removed = [nodes[k].name for k in inner]
+    removed += [n.name for r in raws for n in (r.conv, r.bn) if n is not None and n is not target_node]
+    return Merge(root=root.name, label=root.label, target=target, target_node=target_node.name,
+                 branches=tuple(branches), removed=tuple(removed))
+
+
+def _offsets(kernel, pads, big_kernel, big_pads, dilation) -> tuple[int, ...] | None:
+    """Where a kernel with ``pads`` starts inside ``big_kernel`` with ``big_pads`` so both read the same input
+    positions (same stride and dilation); None when it does not fit."""
+    offsets = []
+    for k, (before, after), big, (big_before, big_after), d in zip(kernel, pads, big_kernel, big_pads, dilation):
+        lead, trail = big_before - before, big_after - after
+        if lead < 0 or trail < 0 or lead % d or trail % d or lead // d + k + trail // d != big:
+            return None
+        offsets.append(lead // d)
+    return tuple(offsets)
+
+
+def _fmt(value) -> str:
+    return str(value).replace(" ", "")
+
+
+def apply_merges(nodes: dict[int, Node], folds: list[Fold]) -> dict[int, Node]:
+    """The graph as it is once ``folds``' merges are done: each root Add becomes its target conv (a copy;
+    ``nodes`` is not changed), so the other rules see the merged conv (a BN after the Add folds into it)."""
+    merges = {f.merge for f in folds if f.merge is not None}
+    if not merges:
+        return nodes
+    work = {k: dataclasses.replace(n, users=list(n.users), operands=list(n.operands)) for k, n in nodes.items()}
+    by_name = {n.name: k for k, n in work.items() if n.name}
+    for merge in merges:
+        root, target = work[by_name[merge.root]], work[by_name[merge.target_node]]
+        gone = {by_name[name] for name in (*merge.removed, merge.target_node)}
+        root.layer, root.op, root.operands, root.refusal = merge.target, None, [], None
+        root.input, root.source, root.in_rank, root.calls = target.input, target.source, target.in_rank, 1
+        for key in gone:
+            del work[key]
+        for node in work.values():
+            node.users = [u for u in node.users if u not in gone]
+            if node.key == root.input and root.key not in node.users:
+                node.users.append(root.key)
+    return work
+
+
+# -- folding through a Concat or an Add ---------------------------------------------------------------------
+def through(bn_node: Node, src: Node, nodes: dict[int, Node]) -> Fold | Skip:
+    """The fold of a BN whose input is the Concat or Add ``src``, or why it does not fold."""
+    bn = bn_node.bn
+    assert bn is not None and src.op is not None
+    what = "Concat" if src.op == "concat" else "Add"
+    if not _only_reader(src, {bn_node.key}):
+        others = [nodes[u].label for u in src.users if u != bn_node.key] + (["the model output"] if src.is_output else [])
+        return Skip(bn.name, f"follows {what} {src.label}, whose output also feeds {', '.join(others)}: folding "
+                             "would change what those see")
+    if src.op == "concat":
+        if src.axis != 1:
+            return Skip(bn.name, f"follows {what} {src.label} on axis {src.axis}, not the channel axis")
+        operands, readers = src.operands, {src.key}
+    else:
+        operands, inner = _add_tree(src, nodes)
+        readers = {src.key, *inner}
+    parts: list[Part] = []
+    start = 0
+    keys = [key for _, key in operands]
+    for ident, key in operands:
+        producer = nodes.get(key) if key is not None else None
+        if producer is None or producer.layer is None:
+            label = producer.label if producer is not None else (ident or "a constant")
+            reason = (f", whose {producer.refusal}" if producer is not None and producer.refusal else
+                      " (a conv/linear output used only there)")
+            return Skip(bn.name, f"follows {what} {src.label}: its operand {label} is not a layer that can take "
+                                 f"its share of the BN{reason}")
+        layer = producer.layer
+        if not _only_reader(producer, readers) or keys.count(key) > 1 or producer.calls > 1:
+            return Skip(bn.name, f"follows {what} {src.label}: the output of its operand {layer.name} is also used "
+                                 "elsewhere (or it runs more than once), so it cannot be rescaled")
+        if layer.kind == "linear" and bn_node.in_rank not in (None, 2):
+            return Skip(bn.name, f"{layer.name} output has rank {bn_node.in_rank}: the BN normalises axis 1, not "
+                                 "the Linear's feature axis")
+        if producer.rank is not None and bn_node.in_rank is not None and producer.rank != bn_node.in_rank:
+            return Skip(bn.name, f"follows {what} {src.label}: operand {layer.name} has rank {producer.rank}, the "
+                                 f"sum rank {bn_node.in_rank} (broadcast across axes)")
+        channels = out_channels(layer) or producer.channels
+        if channels is None:
+            return Skip(bn.name, f"follows {what} {src.label}: the channel count of {layer.name} is unknown")
+        if src.op == "concat":
+            parts.append(Part(layer, (start, start + channels)))
+            start += channels
+        else:
+            if bn_node.channels is not None and channels != bn_node.channels:
+                return Skip(bn.name, f"follows {what} {src.label}: operand {layer.name} has {channels} channels, "
+                                     f"the BN {bn_node.channels} (broadcast across channels)")
+            parts.append(Part(layer, None, shift=False))
+    if src.op == "concat" and bn_node.channels is not None and start != bn_node.channels:
+        return Skip(bn.name, f"follows {what} {src.label}: its operands have {start} channels, the BN "
+                             f"{bn_node.channels}")
+    if src.op == "add":  # one operand takes the shift: one that has a bias, else one that can get one
+        pick = next((i for i, p in enumerate(parts) if p.layer.bias), None)
+        pick = pick if pick is not None else next((i for i, p in enumerate(parts) if p.layer.module), 0)
+        parts[pick] = dataclasses.replace(parts[pick], shift=True)
+    return Fold(bn, parts[0].layer, src.op, parts=tuple(parts))
