@@ -61,6 +61,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
     for node in list(graph.nodes):  # reading a leaf's weight while deciding it is a leaf records an unused get_attr
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
+        elif isinstance(node.type, str):  # a postponed annotation ("torch.Tensor"): the module would not pickle
+            node.type = None
     return fx.GraphModule(model, graph)
 
 

@@ -171,7 +171,13 @@ def pair(nodes: dict[int, Node], method: str, *, structural: bool = True) -> Dis
         if node.bn is not None and node.bn.name not in found.neighbours:
             found.bns.append(node.bn)
             found.neighbours[node.bn.name] = _neighbours(node, nodes)
-    merged, merge_reasons = rules.find_merges(nodes) if structural else ([], {})
+    merged, merge_reasons = rules.find_merges(nodes)
+    if not structural:
+        for fold in merged:
+            merge_reasons[fold.bn.name] = (f"on a branch of {fold.merge.label}: merging its branches into one conv "
+                                           "would remove it, but that changes the architecture, which this model "
+                                           "keeps (--keep-structure / a state dict for the same class)")
+        merged = []
     found.folds.extend(merged)
     work = rules.apply_merges(nodes, merged)
     done = {f.bn.name for f in merged}
