@@ -120,8 +120,9 @@ def _merge(root: Node, inner: list[int], raws: list[_Raw], nodes: dict[int, Node
             return f"bnfold cannot tell the padding of {layer.name} (auto_pad or an unknown weight shape)"
         if layer.geometry.pad_mode != "zeros":
             return f"{layer.name} pads with {layer.geometry.pad_mode}, not zeros"
-    if len({r.conv.key for r in raws if r.conv}) != len(convs):
-        return "a conv appears twice among the operands"
+    keys = [n.key for r in raws for n in (r.conv, r.bn) if n is not None]
+    if len(set(keys)) != len(keys):
+        return "one branch appears twice among the operands"
     first = layers[0]
     for layer in layers[1:]:
         for what, a, b in (("stride", first.geometry.stride, layer.geometry.stride),

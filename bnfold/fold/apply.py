@@ -6,6 +6,12 @@ the host: an ``nn.Module`` tree swaps the module for ``Identity`` (or the activa
 applied), a ``torch.export`` graph erases the node, and where neither is possible (a functional call in
 ``forward``, TorchScript) the BN is *neutralised*: its statistics are set so it computes exactly ``z``.
 
+Structural folds (:mod:`bnfold.discover.rules`) go through the same host: a BN after a Concat or an Add is
+written into several layers (:func:`_apply_parts`), and a merge of branches (:func:`apply_merge`) writes the
+merged kernel into one conv and asks the host to rewrite its graph (``merge``): an fx ``GraphModule`` (traced
+eager models, ``torch.export`` programs) or an ONNX graph; hosts without a graph refuse with a reason.
+:func:`apply_plan` applies a whole plan, each merge once.
+
 A host reads and writes tensors by path through ``get(path)``, ``set(path, value)`` and ``dtype(path)`` (the
 dtype the tensor is stored in). A host may present a tensor in another layout or precision than it stores
 (an ONNX Gemm's ``(K, N)`` weight as torch's ``(N, K)``, in float64): ``set`` translates back, and the overflow
