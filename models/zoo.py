@@ -27,6 +27,7 @@ from models.reparam import (
     residual_bn_tiny,
     same_pad_tiny,
 )
+from models.repmixer import repmixer_tiny
 from models.resnet import resnet50, resnet_digits, resnet_tiny
 from models.shared_output import shared_output_tiny
 from models.special import special_tiny
@@ -63,6 +64,7 @@ _SPECS = [
     # Conv2dSame pads from x.shape in Python: symbolic_trace fails, torch.export works.
     ModelSpec("same_pad_tiny", same_pad_tiny, (2, 3, 16, 16), False),
     ModelSpec("reparam_negatives_tiny", reparam_negatives_tiny, (2, 3, 16, 16), True),
+    ModelSpec("repmixer_tiny", repmixer_tiny, (2, 3, 16, 16), True),
 ]
 
 REFERENCE_MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}

@@ -33,9 +33,10 @@ EXPECTED = {
     "residual_bn_tiny": (4, {}),
     "same_pad_tiny": (5, {}),
     "reparam_negatives_tiny": (4, {"bn_a": "weight is computed in forward", "bn_b": "also used elsewhere"}),
+    "repmixer_tiny": (11, {}),  # x + layer_scale * (mixer(x) - norm(x)): Sub, per-channel Mul, Identity modules
 }
 #: Models whose BNs only the structural rules remove (they need a static graph: fx, torch.export or ONNX).
-STRUCTURAL = {"repvgg_tiny", "mobileone_tiny", "mixconv_tiny", "residual_bn_tiny"}
+STRUCTURAL = {"repvgg_tiny", "mobileone_tiny", "mixconv_tiny", "residual_bn_tiny", "repmixer_tiny"}
 SPECIFIC_FOLDS = {
     ("mlp_tiny", "input_bn"): ("input_fc", "before"),
     ("mlp_tiny", "blocks.0.bn"): ("blocks.0.fc", "after"),

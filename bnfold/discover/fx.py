@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from bnfold.discover.graph import Discovery, Node, pair
+from bnfold.discover.graph import Discovery, Factor, Node, pair
+from bnfold.discover.rules import per_channel
 from bnfold.layers import BNRef, LayerRef, bn_ref, conv_geometry, is_bn_module, producer_ref
 
 _aten = torch.ops.aten
@@ -48,6 +49,13 @@ _LAYER_CALLS: dict[Any, tuple[str, tuple[str, ...]]] = {
 _ADDS = {operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor, "add", "add_", "__add__",
          "__iadd__"}
 _CATS = {torch.cat, torch.concat, torch.concatenate, _aten.cat.default, _aten.concat.default}
+_SUBS = {operator.sub, operator.isub, torch.sub, _aten.sub.Tensor, _aten.sub_.Tensor, "sub", "sub_", "__sub__",
+         "__isub__"}
+_MULS = {operator.mul, operator.imul, torch.mul, _aten.mul.Tensor, _aten.mul_.Tensor, "mul", "mul_", "__mul__",
+         "__imul__"}
+# Ops that only rearrange a constant (a layer scale's view(1, -1, 1, 1)): its values stay in order.
+_RESHAPES = {"view", "reshape", "unsqueeze", torch.reshape, torch.unsqueeze, _aten.view.default,
+             _aten.reshape.default, _aten.unsqueeze.default, _aten._unsafe_view.default}
 
 
 class _LeafTracer(fx.Tracer):
@@ -92,14 +100,19 @@ def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
             node.calls = calls[fx_node.target]
             if is_bn_module(module):
                 node.bn = bn_ref(fx_node.target, module)
+            elif type(module) is nn.Identity and fx_node.args:
+                node.op, node.operands = "identity", [_operand(fx_node.args[0], index)]
             else:
                 node.layer = producer_ref(fx_node.target, module)
         elif fx_node.target in _BN_CALLS and not (fx_node.args and fx_node.args[0] in constant):
             node.bn = functional_bn_ref(fx_node)
         elif fx_node.target in _LAYER_CALLS:
             node.layer, node.refusal = functional_layer_ref(fx_node)
-        elif _is_call(fx_node, _ADDS):
-            node.op, node.operands = _sum_operands(fx_node, index)
+        elif _is_call(fx_node, _ADDS | _SUBS):
+            node.op, node.operands = _sum_operands(fx_node, index, "sub" if _is_call(fx_node, _SUBS) else "add")
+            node.label = fx_node.name
+        elif _is_call(fx_node, _MULS):
+            node.op, node.operands, node.factor = _product(fx_node, index, constant)
             node.label = fx_node.name
         elif _is_call(fx_node, _CATS) and fx_node.args and isinstance(fx_node.args[0], (list, tuple)):
             node.op, node.label = "concat", fx_node.name
@@ -143,19 +156,49 @@ def _operand(value: Any, index: dict[fx.Node, int]) -> tuple[str | None, int | N
     return value.name, (index[value] if value.op != "placeholder" else None)
 
 
-def _sum_operands(fx_node: fx.Node, index: dict[fx.Node, int]) -> tuple[Any, list[tuple[str | None, int | None]]]:
-    """An elementwise sum's operands (a literal 0 adds nothing), or (None, []) when it is not a plain sum."""
+def _sum_operands(fx_node: fx.Node, index: dict[fx.Node, int], op: str
+                  ) -> tuple[Any, list[tuple[str | None, int | None]]]:
+    """An elementwise sum's (or difference's) operands, or (None, []) when it is not a plain one. A literal 0
+    adds nothing; a difference with one operand left is not one (``0 - x``)."""
     args = _bound(fx_node, ("input", "other", "alpha"))
     if args.get("alpha", 1) != 1 or set(args) - {"input", "other", "alpha"}:
         return None, []
     operands = []
-    for value in (args.get("input"), args.get("other")):
-        if isinstance(value, (int, float)) and value == 0 and not isinstance(value, bool):
+    for position, value in enumerate((args.get("input"), args.get("other"))):
+        if isinstance(value, (int, float)) and value == 0 and not isinstance(value, bool) and (op == "add" or position):
             continue
         if isinstance(value, fx.Node) and not _is_tensor(value):
             return None, []
         operands.append(_operand(value, index))
-    return "add", operands
+    return (op if len(operands) == 2 else "add"), operands
+
+
+def _product(fx_node: fx.Node, index: dict[fx.Node, int], constant: set[fx.Node]) -> tuple[Any, list, Any]:
+    """A product of data with a per-channel constant (a stored tensor, or a number): (op, operands, factor)."""
+    args = _bound(fx_node, ("input", "other"))
+    if set(args) != {"input", "other"}:
+        return None, [], None
+    for data, other in ((args["input"], args["other"]), (args["other"], args["input"])):
+        if not isinstance(data, fx.Node) or data in constant:
+            continue
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            return "mul", [_operand(data, index)], Factor(None, float(other))
+        if isinstance(other, fx.Node) and other in constant:
+            path = _stored(other)
+            meta, rank = _tensor_meta(other), _rank(fx_node)
+            shape = tuple(getattr(meta, "shape", ())) if meta is not None else None
+            if path is not None and shape is not None and rank is not None and per_channel(shape, rank):
+                return "mul", [_operand(data, index)], Factor(path)
+    return None, [], None
+
+
+def _stored(node: fx.Node) -> str | None:
+    """The attribute a constant is, through reshapes that keep its values in order."""
+    while node.op != "get_attr":
+        if not _is_call(node, _RESHAPES) or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return node.target
 
 
 def _channels(n: fx.Node) -> int | None:

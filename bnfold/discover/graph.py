@@ -28,13 +28,24 @@ class Node:
     is_output: bool = False  # returned by the model
     # What the structural rules (:mod:`bnfold.discover.rules`) read; front-ends that cannot tell leave them unset.
     name: str = ""  # how the host finds this node again (an fx node name, an ONNX node label)
-    op: Literal["add", "concat"] | None = None  # an elementwise sum of its operands, or a concatenation
-    operands: list[tuple[str | None, int | None]] = field(default_factory=list)  # add/concat: (tensor id, producer)
+    # Linear in its operands (add, sub, mul by a constant ``factor``, identity), or a concatenation.
+    op: Literal["add", "sub", "mul", "identity", "concat"] | None = None
+    operands: list[tuple[str | None, int | None]] = field(default_factory=list)  # (tensor id, producer) of data
+    factor: Factor | None = None  # mul: the constant it multiplies by (per channel, or one number)
     source: str | None = None  # id of the data input tensor: two nodes with the same source read the same tensor
     axis: int | None = None  # concat: the axis, non-negative
     rank: int | None = None  # rank of the output
     channels: int | None = None  # size of the output's axis 1
     refusal: str | None = None  # a conv/linear that cannot take a fold, or a BN that cannot fold at all, and why
+
+
+@dataclass(frozen=True)
+class Factor:
+    """A constant a branch is multiplied by: a tensor the host holds (one value per channel, or a single one),
+    or a number written in the code (``path`` None)."""
+
+    path: str | None
+    value: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,8 @@ class Branch:
     bn: BNRef | None
     offsets: tuple[int, ...]  # where its kernel starts inside the merged kernel, per spatial dimension
     nodes: tuple[str, ...]  # the host names of its conv and BN nodes
+    sign: int = 1  # -1 when it is subtracted
+    factors: tuple[Factor, ...] = ()  # constants it is multiplied by on its way to the sum (a layer scale)
 
 
 @dataclass(frozen=True)

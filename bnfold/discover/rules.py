@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from bnfold.discover.graph import Branch, Fold, Merge, Node, Part, Skip
+from bnfold.discover.graph import Branch, Factor, Fold, Merge, Node, Part, Skip
 from bnfold.layers import LayerRef
 
 
@@ -31,6 +31,15 @@ def out_channels(layer: LayerRef) -> int | None:
     return layer.shape[1] * layer.groups if layer.kind == "conv_transpose" else layer.shape[0]
 
 
+def per_channel(shape: tuple[int, ...], rank: int) -> bool:
+    """Whether a constant of ``shape``, broadcast against a rank-``rank`` tensor, varies along axis 1 at most (so
+    multiplying by it scales channels: a layer scale)."""
+    if len(shape) > rank:
+        return False
+    full = (1,) * (rank - len(shape)) + tuple(int(d) for d in shape)
+    return all(d == 1 for axis, d in enumerate(full) if axis != 1)
+
+
 def _only_reader(node: Node, readers: set[int]) -> bool:
     """``node``'s output is read once, by one of ``readers``, and is not a model output."""
     return len(node.users) == 1 and node.users[0] in readers and not node.is_output
@@ -38,24 +47,41 @@ def _only_reader(node: Node, readers: set[int]) -> bool:
 
 def _add_tree(root: Node, nodes: dict[int, Node]) -> tuple[list[tuple[str | None, int | None]], list[int]]:
     """The operands of a sum of Adds (an Add whose output only another Add reads belongs to it): (leaves, inner)."""
-    leaves: list[tuple[str | None, int | None]] = []
+    leaves, inner = _tree(root, nodes, ("add",))
+    return [(leaf.ident, leaf.key) for leaf in leaves], inner
+
+
+@dataclasses.dataclass
+class _Leaf:
+    ident: str | None
+    key: int | None
+    sign: int = 1
+    factors: tuple[Factor, ...] = ()
+
+
+_LINEAR = ("add", "sub", "mul", "identity")
+
+
+def _tree(root: Node, nodes: dict[int, Node], ops: tuple[str, ...] = _LINEAR) -> tuple[list[_Leaf], list[int]]:
+    """The operands of a linear expression rooted at ``root``, through the ``ops`` nodes whose output only the
+    expression reads: each leaf with its sign and the constant factors on its way (leaves, inner node keys)."""
+    leaves: list[_Leaf] = []
     inner: list[int] = []
 
-    def walk(node: Node) -> None:
-        for ident, key in node.operands:
+    def walk(node: Node, sign: int, factors: tuple[Factor, ...]) -> None:
+        if node.op == "mul" and node.factor is not None:
+            factors = (*factors, node.factor)
+        for position, (ident, key) in enumerate(node.operands):
+            branch_sign = -sign if node.op == "sub" and position == 1 else sign
             child = nodes.get(key) if key is not None else None
-            if child is not None and child.op == "add" and _only_reader(child, {node.key}):
+            if child is not None and child.op in ops and _only_reader(child, {node.key}):
                 inner.append(child.key)
-                walk(child)
+                walk(child, branch_sign, factors)
             else:
-                leaves.append((ident, key))
+                leaves.append(_Leaf(ident, key, branch_sign, factors))
 
-    walk(root)
+    walk(root, 1, ())
     return leaves, inner
-
-
-def _is_inner(node: Node, nodes: dict[int, Node]) -> bool:
-    return len(node.users) == 1 and not node.is_output and nodes.get(node.users[0], Node(-1, "")).op == "add"
 
 
 # -- branch merging -----------------------------------------------------------------------------------------
@@ -64,34 +90,41 @@ class _Raw:
     conv: Node | None
     bn: Node | None
     source: str | None  # the tensor the branch reads
+    leaf: _Leaf
 
 
-def _classify(ident: str | None, key: int | None, tree: set[int], nodes: dict[int, Node]) -> _Raw:
-    node = nodes.get(key) if key is not None else None
+def _classify(leaf: _Leaf, tree: set[int], nodes: dict[int, Node]) -> _Raw:
+    node = nodes.get(leaf.key) if leaf.key is not None else None
     if node is None:
-        return _Raw(None, None, ident)
+        return _Raw(None, None, leaf.ident, leaf)
     own = _only_reader(node, tree) and node.calls == 1
     if node.bn is not None and own and node.bn.plain and not node.bn.batch_stats and node.refusal is None:
         conv = nodes.get(node.input) if node.input is not None else None
         if conv is not None and conv.layer is not None and _only_reader(conv, {node.key}) and conv.calls == 1:
-            return _Raw(conv, node, conv.source)
-        return _Raw(None, node, node.source)
+            return _Raw(conv, node, conv.source, leaf)
+        return _Raw(None, node, node.source, leaf)
     if node.layer is not None and own:
-        return _Raw(node, None, node.source)
-    return _Raw(None, None, ident)
+        return _Raw(node, None, node.source, leaf)
+    return _Raw(None, None, leaf.ident, leaf)
 
 
 def find_merges(nodes: dict[int, Node]) -> tuple[list[Fold], dict[str, str]]:
-    """Every re-parameterisable Add: the folds of the BNs it merges, and for blocks that look like one but
-    cannot merge, a reason for each BN on a branch without a conv (the others still fold into their conv)."""
+    """Every re-parameterisable sum: the folds of the BNs it merges, and for blocks that look like one but
+    cannot merge, a reason for each BN on a branch without a conv (the others still fold into their conv).
+
+    A sum is an expression of Adds, Subs, Identities and products with per-channel constants (FastViT's
+    ``x + layer_scale * (mixer(x) - norm(x))``). The outermost is tried first; when it cannot merge, the sums
+    inside it are tried on their own.
+    """
     folds: list[Fold] = []
     reasons: dict[str, str] = {}
-    for root in nodes.values():
-        if root.op != "add" or not root.name or _is_inner(root, nodes):
+    consumed: set[int] = set()
+    for root in sorted(nodes.values(), key=lambda n: n.key, reverse=True):
+        if root.op not in ("add", "sub") or not root.name or root.key in consumed:
             continue
-        leaves, inner = _add_tree(root, nodes)
+        leaves, inner = _tree(root, nodes)
         tree = {root.key, *inner}
-        raws = [_classify(ident, key, tree, nodes) for ident, key in leaves]
+        raws = [_classify(leaf, tree, nodes) for leaf in leaves]
         sources = [r.source for r in raws]
         if (len(raws) < 2 or not any(r.bn for r in raws) or not any(r.conv for r in raws)
                 or max(sources.count(s) for s in sources) < 2):
@@ -99,11 +132,14 @@ def find_merges(nodes: dict[int, Node]) -> tuple[list[Fold], dict[str, str]]:
         merged = _merge(root, inner, raws, nodes)
         if isinstance(merged, Merge):
             folds.extend(Fold(b.bn, merged.target, "merge", merge=merged) for b in merged.branches if b.bn)
+            consumed |= tree | {n.key for r in raws for n in (r.conv, r.bn) if n is not None}
         else:
             for raw in raws:
                 if raw.bn is not None and raw.conv is None:
-                    reasons[raw.bn.bn.name] = f"on a branch of {root.label} that cannot merge into one conv: {merged}"
-    return folds, reasons
+                    reasons.setdefault(raw.bn.bn.name,
+                                       f"on a branch of {root.label} that cannot merge into one conv: {merged}")
+    merged_bns = {f.bn.name for f in folds}
+    return folds, {bn: why for bn, why in reasons.items() if bn not in merged_bns}
 
 
 def _merge(root: Node, inner: list[int], raws: list[_Raw], nodes: dict[int, Node]) -> Merge | str:
@@ -157,7 +193,8 @@ def _merge(root: Node, inner: list[int], raws: list[_Raw], nodes: dict[int, Node
             return (f"the kernel of {what} does not sit inside {target.name}'s at the same place (paddings "
                     f"{_fmt(pads)} vs {_fmt(geometry.pads)})")
         names = tuple(n.name for n in (raw.conv, raw.bn) if n is not None)
-        branches.append(Branch(layer, raw.bn.bn if raw.bn else None, offsets, names))
+        branches.append(Branch(layer, raw.bn.bn if raw.bn else None, offsets, names, raw.leaf.sign,
+                               raw.leaf.factors))
     removed = [nodes[k].name for k in inner]
     removed += [n.name for r in raws for n in (r.conv, r.bn) if n is not None and n is not target_node]
     return Merge(root=root.name, label=root.label, target=target, target_node=target_node.name,
@@ -192,6 +229,7 @@ def apply_merges(nodes: dict[int, Node], folds: list[Fold]) -> dict[int, Node]:
         root, target = work[by_name[merge.root]], work[by_name[merge.target_node]]
         gone = {by_name[name] for name in (*merge.removed, merge.target_node)}
         root.layer, root.op, root.operands, root.refusal = merge.target, None, [], None
+        root.name, root.factor = target.name, None  # in the host's graph, the target conv now stands here
         root.input, root.source, root.in_rank, root.calls = target.input, target.source, target.in_rank, 1
         for key in gone:
             del work[key]

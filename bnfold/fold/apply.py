@@ -222,7 +222,16 @@ def apply_merge(host: TensorHost, merge: Merge) -> None:
         layer = target if branch.layer == merge.target else branch.layer
         weight, bias = _layer_tensors(host, layer) if layer is not None else (None, None)
         params = bn_params(host, branch.bn) if branch.bn is not None else None
-        branches.append(BranchTensors(weight, bias, params, branch.offsets))
+        coefficient = torch.full((1,), float(branch.sign), dtype=torch.float64)
+        for factor in branch.factors:  # a layer scale on the way to the sum: one value per channel, or one
+            value = host.get(factor.path) if factor.path is not None else torch.tensor(factor.value)
+            value = value.detach().to(torch.float64).reshape(-1)
+            if not torch.isfinite(value).all():
+                raise CannotFold(f"the scale {factor.path} on a branch of {merge.label} is not finite (NaN/Inf)")
+            if coefficient.numel() != 1 and value.numel() not in (1, coefficient.numel()):
+                raise CannotFold(f"the scales on a branch of {merge.label} disagree in size")
+            coefficient = coefficient * value
+        branches.append(BranchTensors(weight, bias, params, branch.offsets, coefficient))
     weight = host.get(target.weight)
     try:
         new_w, new_b = merge_branches(tuple(weight.shape), target.groups, branches, weight.dtype)
@@ -394,13 +403,31 @@ def merge_in_graph(gm: fx.GraphModule, merge: Merge) -> None:
         outside = [u.name for u in node.users if u not in doomed and u is not root]
         if outside:
             raise CannotFold(f"{node.name} is also read by {outside[0]}")
-    attrs = {a for n in doomed for a in n.all_input_nodes if a.op == "get_attr"}
+    constants = _constant_inputs(doomed)
     root.replace_all_uses_with(target)
     for node in reversed(list(gm.graph.nodes)):
-        if node in doomed:
-            gm.graph.erase_node(node)
-    for node in attrs:
-        if not node.users:
+        if node in doomed or (node in constants and not node.users):  # with what only they read (a layer scale)
             gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
     gm.recompile()
+
+
+def _constant_inputs(nodes: set[fx.Node]) -> set[fx.Node]:
+    """The attributes ``nodes`` read, and what is computed from attributes alone on the way (a ``view``)."""
+    found: set[fx.Node] = set()
+    stack = [a for n in nodes for a in n.all_input_nodes]
+    while stack:
+        node = stack.pop()
+        if node in found or node in nodes:
+            continue
+        inputs = node.all_input_nodes
+        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and inputs and
+                                     all(_is_constant(i) for i in inputs)):
+            found.add(node)
+            stack.extend(inputs)
+    return found
+
+
+def _is_constant(node: fx.Node) -> bool:
+    return node.op == "get_attr" or (node.op in ("call_function", "call_method") and bool(node.all_input_nodes)
+                                     and all(_is_constant(i) for i in node.all_input_nodes))

@@ -150,16 +150,18 @@ class BranchTensors:
     bias: Tensor | None
     bn: BNParams | None
     offsets: tuple[int, ...]  # where its kernel starts inside the merged kernel, per spatial dimension
+    coefficient: Tensor | None = None  # what the branch is multiplied by in the sum: per channel, or one value
 
 
 def merge_branches(shape: tuple[int, ...], groups: int, branches: list[BranchTensors],
                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """One conv computing the sum of ``branches`` (all with the same stride, dilation and groups): ``(W, b)``.
 
-    Each branch is ``y_i = s_i * (K_i * x + b_i) + t_i`` (``s_i = 1, t_i = 0`` without a BN; ``K_i`` the
-    identity kernel for a branch without a conv); convolution is linear in its kernel, so
-    ``sum y_i = (sum s_i * pad(K_i)) * x + sum (s_i * b_i + t_i)`` once every kernel is zero-padded to
-    ``shape`` (``(out, in/groups, *k)``) at its offsets. Computed in float64, returned in ``dtype``.
+    Each branch is ``y_i = c_i * (s_i * (K_i * x + b_i) + t_i)`` (``s_i = 1, t_i = 0`` without a BN; ``K_i``
+    the identity kernel for a branch without a conv; ``c_i`` its coefficient in the sum, per output channel:
+    -1 for a subtracted branch, a layer scale); convolution is linear in its kernel, so
+    ``sum y_i = (sum c_i * s_i * pad(K_i)) * x + sum c_i * (s_i * b_i + t_i)`` once every kernel is zero-padded
+    to ``shape`` (``(out, in/groups, *k)``) at its offsets. Computed in float64, returned in ``dtype``.
     """
     out, per_group = shape[0], shape[1]
     weight = torch.zeros(shape, dtype=torch.float64)
@@ -183,6 +185,12 @@ def merge_branches(shape: tuple[int, ...], groups: int, branches: list[BranchTen
             s, t = branch.bn.scale_shift()
             kernel = kernel * s.reshape((-1,) + (1,) * (kernel.dim() - 1))
             b = s * b + t
+        if branch.coefficient is not None:
+            c = branch.coefficient.detach().to(torch.float64).reshape(-1)
+            if c.numel() not in (1, out):
+                raise ValueError(f"a branch is scaled by {c.numel()} values, the merged conv has {out} channels")
+            kernel = kernel * c.reshape((-1,) + (1,) * (kernel.dim() - 1))
+            b = c * b
         window = (slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(branch.offsets, kernel.shape[2:]))
         if weight[window].shape != kernel.shape:
             raise ValueError(f"a branch kernel of shape {tuple(kernel.shape)} does not fit {shape} at {branch.offsets}")

@@ -27,7 +27,8 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
-from bnfold.discover.graph import Discovery, Fold, Merge, Node, Skip, pair
+from bnfold.discover.graph import Discovery, Factor, Fold, Merge, Node, Skip, pair
+from bnfold.discover.rules import per_channel
 from bnfold.errors import LoadError
 from bnfold.fold.apply import CannotFold
 from bnfold.layers import BNRef, Geometry, LayerRef
@@ -395,8 +396,9 @@ def translate(model: onnx.ModelProto) -> Translation:
         if out_shape is not None:
             node.rank, node.channels = len(out_shape), out_shape[1] if len(out_shape) > 1 else None
         standard = onnx_node.domain in ("", "ai.onnx")
-        if standard and node.layer is None and onnx_node.op_type in ("Add", "Sum", "Concat"):
-            _mark_structure(node, onnx_node, index)
+        if standard and node.layer is None and onnx_node.op_type in ("Add", "Sum", "Sub", "Mul", "Identity",
+                                                                     "Concat"):
+            _mark_structure(node, onnx_node, index, shapes)
         if standard and onnx_node.op_type == "BatchNormalization":
             node.bn, reason = _bn_ref(onnx_node, label, index)
             if reason:
@@ -426,14 +428,30 @@ def translate(model: onnx.ModelProto) -> Translation:
     return Translation(nodes, bn_reasons, layer_reasons, rows_as_input, nested, notes)
 
 
-def _mark_structure(node: Node, onnx_node: onnx.NodeProto, index: GraphIndex) -> None:
-    """An Add, Sum or Concat for the structural rules: its operands, and a Concat's axis."""
-    operands = []
-    for name in onnx_node.input:
-        constant = not name or name in index.constants or (name in index.inputs and name in index.initializers)
-        operands.append((None, None) if constant else (name, index.producer.get(name)))
-    node.op, node.operands = ("concat" if onnx_node.op_type == "Concat" else "add"), operands
-    if onnx_node.op_type == "Concat":
+def _mark_structure(node: Node, onnx_node: onnx.NodeProto, index: GraphIndex,
+                    shapes: dict[str, tuple[int | None, ...]]) -> None:
+    """An Add, Sum, Sub, Identity, Mul by a per-channel constant, or Concat, for the structural rules."""
+    def constant(name: str) -> bool:
+        return not name or name in index.constants or (name in index.inputs and name in index.initializers)
+
+    operands = [(None, None) if constant(name) else (name, index.producer.get(name)) for name in onnx_node.input]
+    op = onnx_node.op_type
+    if op == "Mul":
+        data = [i for i, name in enumerate(onnx_node.input) if not constant(name)]
+        if len(onnx_node.input) != 2 or len(data) != 1 or node.rank is None:
+            return
+        factor = onnx_node.input[1 - data[0]]
+        const = index.constants.get(factor)
+        if (const is None or const.data_type not in FLOAT_TYPES or index.not_constant(factor, "scale")
+                or not per_channel(const.shape, node.rank)):
+            return
+        node.op, node.operands, node.factor = "mul", [operands[data[0]]], Factor(factor)
+        return
+    if op in ("Sub", "Identity") and len(operands) != (2 if op == "Sub" else 1):
+        return
+    node.op = {"Concat": "concat", "Sub": "sub", "Identity": "identity"}.get(op, "add")
+    node.operands = operands
+    if op == "Concat":
         axis = int(_attrs(onnx_node).get("axis", 1))
         node.axis = axis + node.rank if axis < 0 and node.rank is not None else axis
 
