@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmark ``bnfold.fuse``: latency of the folded model, fold time and peak memory.
 
-For every reference model (``models.zoo.REFERENCE_MODELS``) and ``resnet50`` this measures
-CPU eager latency (``torch.no_grad``, eval) at batch 1 and 8 of four variants:
+For every reference model (``models.zoo.REFERENCE_MODELS``), ``resnet50`` and the bench-sized
+re-parameterisable models below (``BENCH_SPECS``) this measures CPU eager latency (``torch.no_grad``,
+eval) at batch 1 and 8 of four variants:
 
 * ``unfolded``: the eval model as built by ``zoo.build``;
 * ``folded``: ``bnfold.fuse(model, (x,)).model``;
@@ -10,6 +11,18 @@ CPU eager latency (``torch.no_grad``, eval) at batch 1 and 8 of four variants:
 * ``bound``: a copy with every BatchNorm-like module replaced by ``nn.Identity`` (or, for BN
   subclasses that apply an activation through ``act``/``activation``, by that activation). This
   is *not* numerically equivalent to the model; it only bounds what folding can achieve.
+
+Where bnfold merges branches (RepVGG / MobileOne re-parameterisation: an Add of conv->BN, conv, BN
+and identity branches reading one input becomes one conv), the folded model has fewer convs than
+the bound, which keeps every branch; so there "folded" can run *faster* than the bound. A second
+table lists those models with ``folded / bound`` (the ratio of median latencies; < 1 means faster
+than the bound) and the conv count before and after.
+
+``BENCH_SPECS``: the zoo's RepVGG-like and MobileOne-like tiny models (3x16x16 input) are dominated by
+per-op overhead, so the same classes (``models/reparam.py``) are also built at realistic widths and
+input sizes here (``repvgg_w64_112``: RepVGG(width=64), 64/128 channels, 3x112x112 input; ...), with
+deterministic weights and BN statistics randomised by ``zoo.randomize_bn_statistics`` as ``zoo.build``
+does. They are not part of the zoo; pass their names to ``--models`` like any zoo model.
 
 A fifth, control variant (``bound-copy``, an identical second copy of ``bound``) is timed the same
 way; ``bound A/A %`` (bound-copy vs bound) shows how far two identical models differ, i.e. the
@@ -42,12 +55,14 @@ Usage::
 
     python scripts/bench_fuse.py                       # everything, a few minutes on 2 cores
     python scripts/bench_fuse.py --models resnet50 --repeats 40 --json out/bench.json
+    python scripts/bench_fuse.py --models repvgg_tiny,mobileone_tiny,repvgg_w64_112 --no-memory
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import math
@@ -71,6 +86,7 @@ from torch import nn  # noqa: E402
 
 import bnfold  # noqa: E402
 from models import zoo  # noqa: E402
+from models.reparam import MobileOne, RepVGG  # noqa: E402
 
 VARIANTS = ("unfolded", "folded", "fx-fuse", "bound")
 CPU_BATCHES = (1, 8)
@@ -79,6 +95,33 @@ TARGET_BOUND_PCT = 3.0
 TARGET_FOLD_S = 1.0
 TARGET_MEM_X = 2.0
 WARMUP_MODEL = "resnet_digits"
+
+#: Bench-sized re-parameterisable models: the zoo's RepVGG / MobileOne classes at realistic widths and input
+#: sizes (the zoo's tiny ones, 16 channels on 3x16x16, measure per-op overhead more than convolutions). The
+#: batch in ``input_shape`` is the one ``fuse`` is called with; latency is measured at ``CPU_BATCHES``.
+BENCH_SPECS: dict[str, zoo.ModelSpec] = {spec.name: spec for spec in (
+    zoo.ModelSpec("repvgg_w32_64", functools.partial(RepVGG, width=32), (2, 3, 64, 64), True),
+    zoo.ModelSpec("repvgg_w64_112", functools.partial(RepVGG, width=64), (2, 3, 112, 112), True),
+    zoo.ModelSpec("mobileone_w32_64", functools.partial(MobileOne, width=32), (2, 3, 64, 64), True),
+    zoo.ModelSpec("mobileone_w64_112", functools.partial(MobileOne, width=64), (2, 3, 112, 112), True),
+)}
+
+
+def get_spec(name: str) -> zoo.ModelSpec:
+    """A zoo model's spec (``zoo.get_spec``) or one of ``BENCH_SPECS``."""
+    return BENCH_SPECS[name] if name in BENCH_SPECS else zoo.get_spec(name)
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """``zoo.build(name)``, or a ``BENCH_SPECS`` model built the same way (seeded weights, randomised BN statistics,
+    eval mode)."""
+    if name not in BENCH_SPECS:
+        return zoo.build(name, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BENCH_SPECS[name].factory()
+    zoo.randomize_bn_statistics(model, torch.Generator().manual_seed(seed))
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------- variants
@@ -141,6 +184,23 @@ def bn_left_in_graph(gm: nn.Module) -> int:
         targets = {torch.nn.functional.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default}
         calls = sum(1 for n in graph.nodes if n.op == "call_function" and n.target in targets)
     return sum(is_bn_like(m) for m in gm.modules()) + calls
+
+
+_CONV_FUNCTIONS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                   torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+                   torch.nn.functional.conv_transpose3d}
+
+
+def conv_count(model: nn.Module) -> int:
+    """Convolutions the model runs: for an fx GraphModule, the conv module calls and functional conv calls in its
+    graph; otherwise the conv modules it holds."""
+    graph = getattr(model, "graph", None)
+    if graph is not None:
+        modules = dict(model.named_modules())
+        return sum(1 for n in graph.nodes
+                   if (n.op == "call_module" and isinstance(modules.get(n.target), nn.modules.conv._ConvNd))
+                   or (n.op == "call_function" and n.target in _CONV_FUNCTIONS))
+    return sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
 def leaves(output: Any) -> list[torch.Tensor]:
@@ -371,10 +431,10 @@ def memory_child(name: str, mode: str) -> dict[str, Any]:
     without one-off import / first-trace / oneDNN set-up costs), or run one plain no-grad forward pass
     (``"forward"``, for context: fuse's compare step runs the model too); tracks the RSS high-water mark."""
     if mode == "fuse-warm":  # pay imports, the first fx trace and oneDNN set-up on another, tiny model first
-        warm = zoo.get_spec(WARMUP_MODEL)
-        bnfold.fuse(zoo.build(WARMUP_MODEL), (input_for(warm, warm.input_shape[0]),))
-    spec = zoo.get_spec(name)
-    model = zoo.build(name)
+        warm = get_spec(WARMUP_MODEL)
+        bnfold.fuse(build(WARMUP_MODEL), (input_for(warm, warm.input_shape[0]),))
+    spec = get_spec(name)
+    model = build(name)
     x = input_for(spec, spec.input_shape[0])
     gc.collect()
     hw_before_reset = maxrss_kb()
@@ -464,8 +524,8 @@ def fuse_timed(model: nn.Module, x: torch.Tensor, repeats: int, quiet_wait_s: fl
 
 
 def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    spec = zoo.get_spec(name)
-    model = zoo.build(name)
+    spec = get_spec(name)
+    model = build(name)
     x_fuse = input_for(spec, spec.input_shape[0])
     entry: dict[str, Any] = {
         "name": name,
@@ -474,6 +534,7 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
         "param_bytes": param_bytes(model),
         "traceable": spec.traceable,
         "fuse_input_shape": list(spec.input_shape),
+        "input": "x".join(str(d) for d in spec.input_shape[1:]),
     }
 
     try:
@@ -483,8 +544,13 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
         log(f"[{name}] {entry['error']}")
         return entry
     folded = result.model
+    positions: dict[str, int] = {}
+    for fold in result.folded:
+        positions[fold.position] = positions.get(fold.position, 0) + 1
     entry["bnfold"] = {
         "ok": result.ok,
+        "model_type": type(folded).__name__,
+        "positions": positions,
         "discovery": result.discovery,
         "folded": len(result.folded),
         "skipped": [{"bn": s.bn if isinstance(s.bn, str) else getattr(s.bn, "name", str(s.bn)), "reason": s.reason}
@@ -499,10 +565,11 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     entry["fx_fuse_bn_like_left"] = None if fx_model is None else bn_left_in_graph(fx_model)
     entry["folded_bn_like_left"] = sum(is_bn_like(m) for m in folded.modules())
     entry["bn_like_modules_replaced_in_bound"] = n_bn
+    entry["convs"] = {"unfolded": conv_count(model), "folded": conv_count(folded), "bound": conv_count(bound)}
     log(f"[{name}] fuse ok={result.ok} folded={len(result.folded)} skipped={len(result.skipped)} "
         f"fold={fold_time['discover_fold_s']:.3f}s total={fold_time['total_s']:.3f}s; fx-fuse: {fx_status}; "
         f"BN-like modules left: bnfold {entry['folded_bn_like_left']}, fx-fuse {entry['fx_fuse_bn_like_left']} "
-        f"of {entry['bn_like_modules']}")
+        f"of {entry['bn_like_modules']}; positions {positions}; convs {entry['convs']}")
 
     variants: dict[str, nn.Module] = {"unfolded": model, "folded": folded, "bound": bound}
     if args.control:  # A/A control: a second, identical copy of the bound; its gap is the noise floor
@@ -542,6 +609,8 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
             "parity": parity,
         }
         row["folded_vs_bound_pct"] = (med["folded"] / med["bound"] - 1) * 100
+        row["folded_over_bound"] = med["folded"] / med["bound"]
+        row["folded_over_unfolded"] = med["folded"] / med["unfolded"]
         row["folded_vs_unfolded_pct"] = (med["folded"] / med["unfolded"] - 1) * 100
         row["aa_pct"] = (med["bound-copy"] / med["bound"] - 1) * 100 if "bound-copy" in med else None
         entry["cpu"].append(row)
@@ -648,26 +717,70 @@ def table_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def markdown_table(entries: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * len(COLUMNS)) + "|"]
-    for r in table_rows(entries):
+#: Models whose branches bnfold should merge; listed in the re-parameterisation table even if nothing merged.
+REPARAM_MODELS = ("repvgg_tiny", "mobileone_tiny", *BENCH_SPECS)
+
+REPARAM_COLUMNS = ["model", "input", "batch", "convs unfolded -> folded", "BNs merged / folded / left",
+                   "unfolded ms", "folded ms", "lower-bound ms", "folded / bound", "bound A/A %", "folded / unfolded"]
+
+
+def merges(entry: dict[str, Any]) -> int:
+    return 0 if "error" in entry else entry["bnfold"]["positions"].get("merge", 0)
+
+
+def reparam_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
+    """Models with merged branches (or expected to have some): the conv count and folded / bound per batch."""
+    rows = []
+    for e in entries:
+        if e["name"] not in REPARAM_MODELS and not merges(e):
+            continue
+        if "error" in e:
+            rows.append([e["name"], "", "-", "error: " + e["error"], *[""] * (len(REPARAM_COLUMNS) - 4)])
+            continue
+        convs = f"{e['convs']['unfolded']} -> {e['convs']['folded']}"
+        bns = f"{merges(e)} / {e['bnfold']['folded']} / {e['folded_bn_like_left']} of {e['bn_like_modules']}"
+        for i, row in enumerate(e["cpu"]):
+            first = i == 0
+            rows.append([
+                e["name"] if first else "",
+                e["input"] if first else "",
+                str(row["batch"]),
+                convs if first else "",
+                bns if first else "",
+                fmt_ms(row["unfolded_ms"]),
+                fmt_ms(row["folded_ms"]),
+                fmt_ms(row["bound_ms"]),
+                f"{row['folded_over_bound']:.2f}" + ("*" if row.get("used_contended") else ""),
+                "n/a" if row.get("aa_pct") is None else f"{row['aa_pct']:+.1f}",
+                f"{row['folded_over_unfolded']:.2f}",
+            ])
+    return rows
+
+
+def markdown_table(entries: list[dict[str, Any]], columns: list[str] = COLUMNS,
+                   rows_of: Callable[[list[dict[str, Any]]], list[list[str]]] = table_rows) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] * len(columns)) + "|"]
+    for r in rows_of(entries):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
     return "\n".join(lines)
 
 
-def print_table(entries: list[dict[str, Any]]) -> None:
-    rows = table_rows(entries)
+def print_table(entries: list[dict[str, Any]], columns: list[str] = COLUMNS,
+                rows_of: Callable[[list[dict[str, Any]]], list[list[str]]] = table_rows,
+                title: str = "bnfold fuse (CPU eager, median ms per call)") -> None:
+    rows = rows_of(entries)
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-        print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
+        print(title)
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         return
-    table = Table(title="bnfold fuse (CPU eager, median ms per call)")
-    for i, c in enumerate(COLUMNS):
+    table = Table(title=title)
+    for i, c in enumerate(columns):
         table.add_column(c, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*r)
@@ -707,6 +820,14 @@ def summarise(entries: list[dict[str, Any]]) -> list[str]:
                 if p["max_abs_diff"] > 1e-3 * max(1.0, p["max_abs_ref"]):
                     lines.append(f"{e['name']} b{row['batch']}: {label} differs from unfolded by "
                                  f"{p['max_abs_diff']:.2e} (max |out| {p['max_abs_ref']:.2e})")
+        if e["name"] in REPARAM_MODELS and not merges(e):
+            lines.append(f"{e['name']}: bnfold merged no branches (positions {b['positions']})")
+        if merges(e):
+            for row in e["cpu"]:
+                verdict = "faster than" if row["folded_over_bound"] < 1 else "NOT faster than"
+                lines.append(f"{e['name']} b{row['batch']}: folded (merged branches, {e['convs']['unfolded']} -> "
+                             f"{e['convs']['folded']} convs) is {verdict} the lower bound: folded / bound = "
+                             f"{row['folded_over_bound']:.2f}")
         if e["name"] == "resnet50" and b["discover_fold_s"] > TARGET_FOLD_S:
             lines.append(f"resnet50: discover+fold {b['discover_fold_s']:.3f}s > {TARGET_FOLD_S}s target")
         mem = e.get("memory") or {}
@@ -753,7 +874,9 @@ def source_state(files: list[Path] | None = None) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="", help="comma-separated model names (default: all reference models + resnet50)")
+    p.add_argument("--models", default="",
+                   help="comma-separated model names: zoo models, resnet50, or the bench-sized " + ", ".join(BENCH_SPECS)
+                        + " (default: all of them)")
     p.add_argument("--repeats", type=int, default=30, help="measurement rounds per model and batch (default 30)")
     p.add_argument("--max-case-s", type=float, default=25.0,
                    help="cap on seconds per model/batch; slow models (resnet50) get fewer rounds (default 25)")
@@ -789,9 +912,10 @@ def main(argv: list[str] | None = None) -> int:
         print("@@MEM@@" + json.dumps(memory_child(args.memory_child, args.memory_mode)), flush=True)
         return 0
 
-    names = [n.strip() for n in args.models.split(",") if n.strip()] or [*zoo.REFERENCE_MODELS, zoo.RESNET50.name]
+    names = ([n.strip() for n in args.models.split(",") if n.strip()]
+             or [*zoo.REFERENCE_MODELS, zoo.RESNET50.name, *BENCH_SPECS])
     for n in names:
-        zoo.get_spec(n)  # fail early on unknown names
+        get_spec(n)  # fail early on unknown names
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -828,6 +952,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print_table(entries)
+    if reparam_rows(entries):
+        print()
+        print_table(entries, REPARAM_COLUMNS, reparam_rows,
+                    "Re-parameterisable models: merged branches vs the lower bound (which keeps every branch); "
+                    "folded / bound < 1 = faster than the bound")
     if any(e.get("gpu") for e in entries):
         print_gpu_table(entries)
     else:
@@ -843,7 +972,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown_table(entries) + "\n")
+        text = markdown_table(entries)
+        if reparam_rows(entries):
+            text += "\n\n" + markdown_table(entries, REPARAM_COLUMNS, reparam_rows)
+        Path(args.markdown).write_text(text + "\n")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         payload = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark bnfold's ONNX folding: BatchNorm left, parity, fp16 error, fold and export time.
 
-Four tables:
+Five tables:
 
 1. **BatchNorm left and parity**, per reference model (``models.zoo.REFERENCE_MODELS``) and exporter:
    the eval model exported by the TorchScript exporter (``torch.onnx.export(dynamo=False)``, torch's default
@@ -11,8 +11,12 @@ Four tables:
 
    * ``ort-basic``: onnxruntime at ``ORT_ENABLE_BASIC`` with ``optimized_model_filepath`` (the optimised graph
      saved offline, as a deployment would ship it);
+   * ``ort-extended``: the same at ``ORT_ENABLE_EXTENDED`` (adds onnxruntime's contrib fusions, e.g. FusedConv;
+     the saved graph then needs onnxruntime to run);
    * ``onnxscript``: ``onnxscript.optimizer.optimize`` (constant folding plus onnxscript's default rewrite rules,
      which include ``fuse_batchnorm`` into Conv, ConvTranspose and Gemm);
+   * ``onnxslim``: ``onnxslim.slim`` with its defaults (constant folding and its fusion patterns, Conv+BN among
+     them); optional: "n/a" when ``onnxslim`` is not installed (it is not a bnfold dependency);
    * ``bnfold``: ``bnfold.onnx.fold.fold_graph``.
 
    For each graph: the ``BatchNormalization`` nodes left, and parity with the PyTorch eval model, the largest
@@ -37,17 +41,38 @@ Four tables:
    (``python -m bnfold.cli export STATE_DICT --arch models.zoo:resnet50 --input-shape 1,3,224,224``, end to end:
    process start, imports and loading included); wall time and the stage timings ``result.timings`` reports.
 
+5. **onnxruntime latency, exported vs bnfold-folded vs the BN->Identity bound** (``--latency-models``; by default
+   the re-parameterisation models: the zoo's ``repvgg_tiny`` ... ``reparam_negatives_tiny`` and the bench-sized
+   RepVGG / MobileOne of ``scripts/bench_fuse.py``). For each exporter (``torchscript`` and ``dynamo`` as above, and
+   ``unfolded``: TorchScript with ``do_constant_folding=False``, every BN in the graph), three graphs run in
+   onnxruntime at its default level (``ORT_ENABLE_ALL``, as a deployment would run them, so onnxruntime's own
+   Conv+BN fusion applies to all of them), ``--threads`` intra-op threads without spin-waiting (the sessions are
+   timed interleaved; a spinning pool would take the cores from the next session), at batch 1 and 8:
+
+   * ``exported``: the exporter's file as it is;
+   * ``bnfold``: ``fold_graph`` of that file;
+   * ``bound``: that file with every ``BatchNormalization`` node replaced by ``Identity``. Not equivalent to the
+     model; it keeps every branch and every conv, so it bounds what *folding BNs away* can reach. Where bnfold
+     merges branches into one conv (RepVGG / MobileOne), ``bnfold`` can run faster than the bound: the table gives
+     ``bnfold / bound`` (< 1: faster).
+   * ``bound A/A``: a second session of the bound, timed the same way (the noise floor; ``--no-control`` drops it).
+
+   Timed like ``bench_fuse.py`` (its ``bench_cpu``): interleaved rounds, median per variant, rounds during which
+   other processes used the CPU replaced. Parity: the largest ``|bnfold - torch|`` at that batch (onnxruntime
+   optimisations off) and the same over the largest ``|torch|``.
+
 The ResNet-50 figures wait for other processes to leave the CPU first (the machine may be shared), record the share
 of the CPU other processes took while they ran ("other load"), and are measured again (up to ``--retries`` times,
 the least disturbed run kept) when that share passes 15%: on 2 cores a second busy process slows torch's thread
 pool many times over (an audit of 2 s took 35 s).
 
-Only measurement lives here; the folding is bnfold's, onnxruntime's and onnxscript's.
+Only measurement lives here; the folding is bnfold's, onnxruntime's, onnxscript's and onnxslim's.
 
 Usage::
 
     python scripts/bench_onnx.py                               # everything, about 3 minutes on 2 cores
     python scripts/bench_onnx.py --models resnet_tiny,mlp_tiny --no-resnet50 --markdown /tmp/onnx.md
+    python scripts/bench_onnx.py --models repvgg_tiny --fp16-models "" --no-resnet50 --latency-models repvgg_w64_112
 """
 
 from __future__ import annotations
@@ -85,10 +110,16 @@ from bnfold.onnx.io import load_onnx, save_onnx  # noqa: E402
 from models import zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fuse import MONITOR, maxrss_kb, reset_peak_rss  # noqa: E402  (waiting for a quiet CPU; the RSS peak)
+# Waiting for a quiet CPU, the RSS peak, CPU timing, and the bench-sized models of table 5.
+from bench_fuse import BENCH_SPECS, MONITOR, bench_cpu, build, get_spec, maxrss_kb, reset_peak_rss  # noqa: E402
+
+try:  # optional: not a bnfold dependency
+    import onnxslim  # noqa: E402
+except ImportError:
+    onnxslim = None
 
 EXPORTERS = ("torchscript", "dynamo")
-VARIANTS = ("exporter", "ort-basic", "onnxscript", "bnfold")
+VARIANTS = ("exporter", "ort-basic", "ort-extended", "onnxscript", "onnxslim", "bnfold")
 FP16_MODELS = ("efficientnet_tiny", "mobilenet_tiny", "resnet_tiny")
 FP16_BATCH = 16  # more output elements than the example batch: a steadier max and mean
 FP16_VARIANTS = ("torchscript", "dynamo", "unfolded", "ort-basic", "onnxscript", "bnfold fold_graph",
@@ -97,6 +128,12 @@ TARGET_FOLD_S = 1.0
 TARGET_MEM_X = 2.0
 TARGET_EXPORT_S = 30.0
 MAX_OTHER_LOAD = 0.15  # share of the CPU other processes may take during a ResNet-50 measurement
+#: Table 5's default models: the re-parameterisation zoo models and the bench-sized RepVGG / MobileOne.
+LATENCY_MODELS = ("repvgg_tiny", "mobileone_tiny", "mixconv_tiny", "residual_bn_tiny", "same_pad_tiny",
+                  "reparam_negatives_tiny", *BENCH_SPECS)
+LATENCY_EXPORTERS = ("torchscript", "dynamo", "unfolded")
+LATENCY_BATCHES = (1, 8)
+LATENCY_VARIANTS = ("exported", "bnfold", "bound", "bound A/A")
 RTOL = {"float32": 1e-4, "float16": 1e-2}  # bnfold's default rtol per dtype: an error above it is flagged "!"
 SEED = 0
 
@@ -148,10 +185,11 @@ def torchscript_unfolded(model: torch.nn.Module, x: torch.Tensor, path: Path) ->
                           input_names=["input_0"], dynamic_axes={"input_0": {0: "batch"}})
 
 
-def ort_basic(src: Path, dst: Path) -> float:
-    """onnxruntime's basic level, the optimised graph saved to ``dst``; seconds (session creation included)."""
+def ort_basic(src: Path, dst: Path, level: str = "ORT_ENABLE_BASIC") -> float:
+    """onnxruntime at ``level`` (basic by default), the optimised graph saved to ``dst``; seconds (session creation
+    included)."""
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.optimized_model_filepath = str(dst)
     t0 = time.perf_counter()
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
@@ -219,6 +257,20 @@ def via_ort_basic(src: Path) -> tuple[onnx.ModelProto, float, dict[str, Any]]:
     return onnx.load(str(dst)), seconds, {}
 
 
+def via_ort_extended(src: Path) -> tuple[onnx.ModelProto, float, dict[str, Any]]:
+    dst = src.with_name(f"{src.stem}.ort-extended.onnx")
+    seconds = ort_basic(src, dst, "ORT_ENABLE_EXTENDED")
+    return onnx.load(str(dst)), seconds, {}
+
+
+def via_onnxslim(src: Path) -> tuple[onnx.ModelProto, float, dict[str, Any]]:
+    model = onnx.load(str(src))
+    t0 = time.perf_counter()
+    with captured_output():
+        slimmed = onnxslim.slim(model)
+    return slimmed, time.perf_counter() - t0, {}
+
+
 def via_onnxscript(src: Path) -> tuple[onnx.ModelProto, float, dict[str, Any]]:
     model = onnx.load(str(src))
     t0 = time.perf_counter()
@@ -238,7 +290,8 @@ def via_bnfold(src: Path) -> tuple[onnx.ModelProto, float, dict[str, Any]]:
 
 #: Each takes an exported file and returns (its graph after the tool, seconds, details).
 GRAPH_TOOLS: dict[str, Callable[[Path], tuple[onnx.ModelProto, float, dict[str, Any]]]] = {
-    "ort-basic": via_ort_basic, "onnxscript": via_onnxscript, "bnfold": via_bnfold}
+    "ort-basic": via_ort_basic, "ort-extended": via_ort_extended, "onnxscript": via_onnxscript,
+    **({"onnxslim": via_onnxslim} if onnxslim is not None else {}), "bnfold": via_bnfold}
 
 
 # --------------------------------------------------------------------------------------------- table 1
@@ -263,8 +316,8 @@ def bench_variants(exported: Path, reference: list[np.ndarray], x: np.ndarray) -
 
 
 def bench_model(name: str, exporters: tuple[str, ...], workdir: Path) -> dict[str, Any]:
-    spec = zoo.get_spec(name)
-    model = zoo.build(name)
+    spec = get_spec(name)
+    model = build(name)
     x = input_for(spec)
     reference = torch_outputs(model, x)
     entry: dict[str, Any] = {"name": name, "bn_modules": bn_modules(model), "rows": {}}
@@ -559,6 +612,130 @@ def bench_export(workdir: Path, args: argparse.Namespace) -> list[dict[str, Any]
     return rows
 
 
+# --------------------------------------------------------------------------------------------- table 5
+
+
+def count_op(model: onnx.ModelProto, op_type: str) -> int:
+    """Nodes of ``op_type`` in the main graph (no subgraphs or functions)."""
+    return sum(node.op_type == op_type for node in model.graph.node)
+
+
+def bn_to_identity(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The lower bound: a copy with every ``BatchNormalization`` node (graph, subgraphs, functions) replaced by an
+    ``Identity`` of its input. Not the model's function; it keeps every branch and conv of the graph."""
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+
+    def swap(nodes: Any) -> None:
+        for node in nodes:
+            for attr in node.attribute:
+                for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                    swap(g.node)
+            if node.op_type == "BatchNormalization":
+                x, y = node.input[0], node.output[0]
+                del node.input[:], node.output[:], node.attribute[:]
+                node.op_type, node.domain = "Identity", ""
+                node.input.append(x)
+                node.output.append(y)
+
+    swap(bound.graph.node)
+    for function in bound.functions:
+        swap(function.node)
+    return bound
+
+
+def latency_session(graph: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    """onnxruntime as a deployment runs it: default optimisation level (``ORT_ENABLE_ALL``), sequential; but with the
+    intra-op threads' spin-waiting off: the variants are timed interleaved, and each session's threads otherwise keep
+    spinning after its run, taking the cores from the next session's run (an A/A gap of up to 34% on 2 cores, and runs up to 4.5x slower)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def export_for_latency(model: torch.nn.Module, x: torch.Tensor, workdir: Path, name: str, exporter: str) -> Path:
+    """The exporter's file (table 1's, when it already exists); ``unfolded``: TorchScript without constant folding."""
+    path = workdir / f"{name}.{exporter}.onnx"
+    if not path.exists():
+        if exporter == "unfolded":
+            torchscript_unfolded(model, x, path)
+        else:
+            torch_export(model, x, path, exporter)
+    return path
+
+
+def bench_latency(name: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    spec = get_spec(name)
+    model = build(name)
+    x = input_for(spec)
+    entry: dict[str, Any] = {"name": name, "input": "x".join(str(d) for d in spec.input_shape[1:]),
+                             "bn_modules": bn_modules(model), "rows": {}}
+    for exporter in args.latency_exporters:
+        problems: dict[str, str] = {}
+        row: dict[str, Any] = {"batches": []}
+        entry["rows"][exporter] = row
+        path = attempt("export", problems, export_for_latency, model, x, workdir, name, exporter)
+        if path is None:
+            row["error"] = f"export: {problems['export']}"
+            log(f"[{name}] latency {exporter}: {row['error']}")
+            continue
+        exported = onnx.load(str(path))
+        folded = attempt("bnfold", problems, lambda p=path: fold_graph(load_onnx(p)))
+        if folded is None:
+            row["error"] = f"bnfold: {problems['bnfold']}"
+            log(f"[{name}] latency {exporter}: {row['error']}")
+            continue
+        graphs = {"exported": exported, "bnfold": folded.model, "bound": bn_to_identity(exported)}
+        row["bn"] = {k: count_bn(g) for k, g in graphs.items()}
+        row["conv"] = {k: count_op(g, "Conv") for k, g in graphs.items()}
+        row["bnfold_folded"] = len(folded.folded)
+        row["bnfold_skipped"] = [{"bn": s.bn, "reason": s.reason} for s in folded.skipped]
+        sessions = attempt("session", problems,
+                           lambda gs=graphs: {k: latency_session(g, args.threads) for k, g in gs.items()})
+        if sessions is None:
+            row["error"] = f"onnxruntime: {problems['session']}"
+            log(f"[{name}] latency {exporter}: {row['error']}")
+            continue
+        if args.control:
+            sessions["bound A/A"] = latency_session(graphs["bound"], args.threads)
+        input_name = sessions["exported"].get_inputs()[0].name
+        for batch in LATENCY_BATCHES:
+            xb = input_for(spec, batch)
+            reference = torch_outputs(model, xb)
+            got = attempt(f"b{batch} run", problems, lambda xb=xb, g=graphs["bnfold"]: run_plain(g, xb.numpy()))
+            parity = None
+            if got is not None:
+                rel = rel_error(reference, got)
+                scale = max(float(np.abs(r).max(initial=0.0)) for r in reference) or 1.0
+                parity = {"max_abs": rel * scale, "rel": rel}
+            feed = {input_name: xb.numpy()}
+            fns = {k: (lambda s=sess, f=feed: s.run(None, f)) for k, sess in sessions.items()}
+            waiting = args.latency_quiet_wait_s if time.perf_counter() < args.deadline else 0.0
+            med, info = bench_cpu(fns, args.latency_repeats, args.sample_ms / 1000, 3, args.latency_max_case_s, 5,
+                                  waiting)
+            if info["used_contended"] and time.perf_counter() < args.deadline:
+                log(f"[{name}] latency {exporter} b{batch}: only {info['clean_rounds']}/{info['rounds']} rounds free "
+                    "of other processes' CPU use; measuring again")
+                med, info = bench_cpu(fns, args.latency_repeats, args.sample_ms / 1000, 3, args.latency_max_case_s,
+                                      5, 2 * waiting)
+            b = {"batch": batch, "ms": {k: v * 1000 for k, v in med.items()}, "parity": parity,
+                 "rounds": info["rounds"], "clean_rounds": info["clean_rounds"],
+                 "used_contended": info["used_contended"], "calls_per_sample": info["number"],
+                 "min_max_ms": {k: [v[0] * 1000, v[1] * 1000] for k, v in info["min_max_s"].items()}}
+            b["bnfold_over_bound"] = med["bnfold"] / med["bound"]
+            b["bnfold_over_exported"] = med["bnfold"] / med["exported"]
+            b["aa_pct"] = (med["bound A/A"] / med["bound"] - 1) * 100 if "bound A/A" in med else None
+            row["batches"].append(b)
+            log(f"[{name}] latency {exporter} b{batch}: " + ", ".join(f"{k} {v:.3f}" for k, v in b["ms"].items())
+                + f" ms; bnfold/bound {b['bnfold_over_bound']:.2f}; BN {row['bn']}, Conv {row['conv']}; "
+                f"{info['clean_rounds']}/{info['rounds']} clean rounds")
+        row["problems"] = problems
+    return entry
+
+
 # --------------------------------------------------------------------------------------------- output
 
 
@@ -580,8 +757,12 @@ def table1_rows(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str
             if "export_error" in r:
                 rows.append([*head, "failed", "-", "-", "-"])
                 continue
-            bn = " / ".join(str(r["bn_left"][v]) if v in r["bn_left"] else "error" for v in VARIANTS)
-            err = " / ".join(fmt_err(r["rel_err"].get(v)) if v in r["bn_left"] else "error" for v in VARIANTS)
+
+            def missing(v: str, r: dict[str, Any] = r) -> str:
+                return "error" if v in r["errors"] else "n/a"  # n/a: the tool is not installed
+
+            bn = " / ".join(str(r["bn_left"][v]) if v in r["bn_left"] else missing(v) for v in VARIANTS)
+            err = " / ".join(fmt_err(r["rel_err"].get(v)) if v in r["bn_left"] else missing(v) for v in VARIANTS)
             fold_ms = r["time_s"].get("bnfold")
             rows.append([*head, f"{r['export_s']:.2f}", bn, err, "-" if fold_ms is None else f"{fold_ms * 1e3:.1f}"])
     return cols, rows
@@ -656,6 +837,36 @@ def table4_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     return cols, rows
 
 
+def table5_rows(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    cols = ["model", "input", "exporter", "BN: exported / bnfold", "Conv: exported / bnfold", "batch", "exported ms",
+            "bnfold ms", "bound ms", "bnfold / bound", "bound A/A %", "bnfold / exported", "bnfold max abs / rel err"]
+    rows = []
+    for e in entries:
+        first_model = True
+        for exporter, r in e["rows"].items():
+            head = [e["name"] if first_model else "", e["input"] if first_model else "", exporter]
+            first_model = False
+            if "error" in r:
+                rows.append([*head, "error: " + r["error"], *[""] * (len(cols) - 4)])
+                continue
+            for i, b in enumerate(r["batches"]):
+                first = i == 0
+                ms = b["ms"]
+                parity = "-" if b["parity"] is None else f"{b['parity']['max_abs']:.1e} / {fmt_err(b['parity']['rel'])}"
+                rows.append([
+                    *(head if first else ["", "", ""]),
+                    f"{r['bn']['exported']} / {r['bn']['bnfold']}" if first else "",
+                    f"{r['conv']['exported']} / {r['conv']['bnfold']}" if first else "",
+                    str(b["batch"]),
+                    *(f"{ms[k]:.3f}" if ms[k] < 10 else f"{ms[k]:.1f}" for k in ("exported", "bnfold", "bound")),
+                    f"{b['bnfold_over_bound']:.2f}" + ("*" if b["used_contended"] else ""),
+                    "n/a" if b["aa_pct"] is None else f"{b['aa_pct']:+.1f}",
+                    f"{b['bnfold_over_exported']:.2f}",
+                    parity,
+                ])
+    return cols, rows
+
+
 def plain_table(cols: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip(),
@@ -671,9 +882,30 @@ def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
 
 
 def notes(entries: list[dict[str, Any]], fp16: list[dict[str, Any]], r50: dict[str, Any] | None,
-          exports: list[dict[str, Any]]) -> list[str]:
+          exports: list[dict[str, Any]], latency: list[dict[str, Any]] | None = None) -> list[str]:
     """What misses a target or looks wrong, one line each."""
     out = []
+    for e in latency or []:
+        for exporter, r in e["rows"].items():
+            where = f"{e['name']} ({exporter}, onnxruntime latency)"
+            if "error" in r:
+                out.append(f"{where}: {r['error']}")
+                continue
+            for key, msg in r.get("problems", {}).items():
+                out.append(f"{where}: {key}: {msg}")
+            merged = r["conv"]["bnfold"] < r["conv"]["exported"]
+            for b in r["batches"]:
+                if merged:
+                    verdict = "faster than" if b["bnfold_over_bound"] < 1 else "NOT faster than"
+                    out.append(f"{where} b{b['batch']}: bnfold merged branches (Conv {r['conv']['exported']} -> "
+                               f"{r['conv']['bnfold']}) and is {verdict} the BN->Identity bound: bnfold / bound = "
+                               f"{b['bnfold_over_bound']:.2f}")
+                if b["parity"] is not None and b["parity"]["rel"] > RTOL["float32"]:
+                    out.append(f"{where} b{b['batch']}: bnfold's graph differs from the PyTorch eval model: rel err "
+                               f"{b['parity']['rel']:.2e}")
+                if b["used_contended"]:
+                    out.append(f"{where} b{b['batch']}: (*) too few rounds free of other processes' CPU use "
+                               f"({b['clean_rounds']}/{b['rounds']})")
     for e in entries:
         for exporter, r in e["rows"].items():
             where = f"{e['name']} ({exporter})"
@@ -688,7 +920,7 @@ def notes(entries: list[dict[str, Any]], fp16: list[dict[str, Any]], r50: dict[s
                 if err > RTOL["float32"]:
                     out.append(f"{where}: {v} differs from the PyTorch eval model: rel err {err:.2e}")
             left = r["bn_left"]
-            for v in ("ort-basic", "onnxscript"):
+            for v in VARIANTS[:-1]:
                 if v in left and "bnfold" in left and left[v] < left["bnfold"]:
                     out.append(f"{where}: {v} leaves {left[v]} BN, fewer than bnfold's {left['bnfold']}")
     for e in fp16:
@@ -730,6 +962,7 @@ def machine_info() -> dict[str, Any]:
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": ort.__version__, "onnxscript": onnxscript.__version__,
+            "onnxslim": getattr(onnxslim, "__version__", "?") if onnxslim is not None else None,
             "git_commit": git("rev-parse", "--short", "HEAD"),
             "bnfold_dirty": bool(git("status", "--porcelain", "--", "bnfold"))}
 
@@ -751,7 +984,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"over {MAX_OTHER_LOAD * 100:.0f}%% of the CPU (default 2)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="after this many seconds, stop waiting for a quiet machine and measuring again (default 420)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
+    p.add_argument("--latency-models", default=",".join(LATENCY_MODELS),
+                   help="table 5 (onnxruntime latency) models: zoo names or bench_fuse.py's bench-sized ones "
+                        f"(default: {','.join(LATENCY_MODELS)}); --no-latency skips it")
+    p.add_argument("--no-latency", dest="latency", action="store_false", help="skip table 5")
+    p.add_argument("--latency-exporters", default=",".join(LATENCY_EXPORTERS),
+                   help=f"table 5 exporters (default: {','.join(LATENCY_EXPORTERS)})")
+    p.add_argument("--latency-repeats", type=int, default=20, help="table 5 rounds per model, exporter and batch")
+    p.add_argument("--latency-max-case-s", type=float, default=8.0,
+                   help="cap on seconds per table 5 case (model, exporter, batch); slow ones get fewer rounds")
+    p.add_argument("--latency-quiet-wait-s", type=float, default=10.0,
+                   help="before each table 5 case, wait up to this long for other processes to leave the CPU")
+    p.add_argument("--sample-ms", type=float, default=10.0,
+                   help="table 5: each sample times enough consecutive runs to last about this long (default 10)")
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="table 5: skip the A/A control (a second session of the bound)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch.set_num_threads, and onnxruntime's intra-op threads in table 5")
     p.add_argument("--json", dest="json_path", default=None, help="write every figure here")
     p.add_argument("--markdown", default=None, help="write the tables as markdown here")
     p.add_argument("--_fold-child", dest="fold_child", nargs=3, metavar=("TOOL", "SRC", "DST"), help=argparse.SUPPRESS)
@@ -761,7 +1010,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def names_from(text: str, default: list[str]) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()] or default
     for n in names:
-        zoo.get_spec(n)  # fail early on unknown names
+        get_spec(n)  # fail early on unknown names
     return names
 
 
@@ -776,6 +1025,11 @@ def main(argv: list[str] | None = None) -> int:
     models = names_from(args.models, list(zoo.REFERENCE_MODELS))
     dynamo_models = set(names_from(args.dynamo_models, models))
     fp16_models = names_from(args.fp16_models, [])
+    latency_models = names_from(args.latency_models, []) if args.latency else []
+    args.latency_exporters = tuple(e.strip() for e in args.latency_exporters.split(",") if e.strip())
+    for e in args.latency_exporters:
+        if e not in LATENCY_EXPORTERS:
+            raise SystemExit(f"--latency-exporters: unknown {e!r}; known: {', '.join(LATENCY_EXPORTERS)}")
     machine = machine_info()
     log(f"{machine}")
     start = time.perf_counter()
@@ -786,6 +1040,9 @@ def main(argv: list[str] | None = None) -> int:
                    for n in models]
         t_table1 = time.perf_counter() - start
         fp16 = [bench_fp16(n, workdir, args.fp16_exporter) for n in fp16_models]
+        t_latency0 = time.perf_counter()
+        latency = [bench_latency(n, workdir, args) for n in latency_models]
+        t_latency = time.perf_counter() - t_latency0
         r50 = bench_resnet50_fold(workdir, args) if args.resnet50 else None
         exports = bench_export(workdir, args) if args.resnet50 else []
     elapsed = time.perf_counter() - start
@@ -801,15 +1058,20 @@ def main(argv: list[str] | None = None) -> int:
         tables.append((title, table3_rows(r50)))
     if exports:
         tables.append(("bnfold export of the ResNet-50, default exporter, one run each", table4_rows(exports)))
+    if latency:
+        title = (f"onnxruntime latency (ORT_ENABLE_ALL, {args.threads} threads, median ms per run): exported vs "
+                 "bnfold fold_graph vs the BN->Identity bound (keeps every branch); bnfold / bound < 1 = faster than "
+                 "the bound; * = contended rounds used; parity at that batch, ! = above 1e-4")
+        tables.append((title, table5_rows(latency)))
     for title, (cols, rows) in tables:
         print(f"\n{title}\n")
         print(plain_table(cols, rows))
-    lines = notes(entries, fp16, r50, exports)
+    lines = notes(entries, fp16, r50, exports, latency)
     if lines:
         print("\nNotes:")
         for line in lines:
             print(f"  - {line}")
-    print(f"\nTotal benchmark time: {elapsed:.0f}s (table 1: {t_table1:.0f}s)")
+    print(f"\nTotal benchmark time: {elapsed:.0f}s (table 1: {t_table1:.0f}s, table 5: {t_latency:.0f}s)")
 
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
@@ -817,9 +1079,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         given = {k: v for k, v in vars(args).items() if k not in ("fold_child", "deadline")}
-        payload = {"machine": machine, "args": given,
+        payload = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                   "machine": machine, "args": given,
                    "elapsed_s": elapsed, "models": entries, "fp16": fp16, "resnet50_fold": r50, "export": exports,
-                   "notes": lines}
+                   "latency": latency, "notes": lines}
         Path(args.json_path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return 0
 
