@@ -245,6 +245,11 @@ def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str,
     with --keep-structure as a state dict for the same architecture.
 
     \b
+    Beyond conv -> BN: re-parameterisable branches (RepVGG, MobileOne, FastViT's RepMixer) merge into
+    one conv, and a BN after a Concat or an Add of convs folds into them (README: What folds). A
+    pickled module whose branches merge comes back as a torch.fx GraphModule.
+
+    \b
     Examples:
       bnfold fuse model.pt2                                  # a torch.export program carries its shapes
       bnfold fuse scripted.pt --input-shape 1,3,224,224      # TorchScript

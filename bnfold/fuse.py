@@ -108,9 +108,9 @@ def _fuse(adapter: Adapter, runnable: Any, reference: Reference, atol, rtol) -> 
     timings["discover"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    folded_model, applied, skipped = _apply(runnable, found.folds, adapter.host, found.graph)
+    folded_model, applied, skipped = _apply(runnable, found, adapter.host)
     timings["fold"] = time.perf_counter() - start
-    notes = list(found.notes)
+    notes = list(found.notes) + found.merge_notes()
 
     start = time.perf_counter()
     parity = check_parity(cases, folded_model, atol, rtol)
@@ -170,15 +170,19 @@ def plan(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpec] 
         return adapter.discover(runnable, _draws(reference.cases, specs, seed))
 
 
-def _apply(reference: nn.Module, folds: list[Fold], host_type: type[ModuleHost], graph: nn.Module | None = None):
-    """Apply ``folds`` to a copy of ``reference``; a fold whose tensors refuse becomes a skip.
+def _apply(reference: nn.Module, plan: Discovery | list[Fold], host_type: type[ModuleHost]):
+    """Apply ``plan`` to a copy of ``reference``; a fold whose tensors refuse becomes a skip.
 
-    Merging branches rewrites the forward: when ``folds`` merge and ``graph`` (the traced ``reference``) is
-    given, the copy is of ``graph``, and the folded model is a ``torch.fx.GraphModule``.
+    Some folds rewrite the forward (a merge of branches; a bias for a functional conv that has none): when the
+    plan holds one, the host may rewrite graphs, and discovery traced ``reference``, the copy is of that
+    traced graph, and the folded model is a ``torch.fx.GraphModule``.
     """
-    merges = graph is not None and any(f.merge is not None for f in folds)
-    model = copy.deepcopy(graph if merges else reference)
-    applied, skipped = apply_plan(host_type(model), folds)
+    folds, merges = (plan.folds, plan.merges) if isinstance(plan, Discovery) else (plan, [])
+    graph = plan.graph if isinstance(plan, Discovery) and host_type.rewrites else None
+    rewrite = merges or any(f.merge is not None or any(layer.module is None and layer.bias is None
+                                                       for layer in f.layers) for f in folds)
+    model = copy.deepcopy(graph if graph is not None and rewrite else reference)
+    applied, skipped = apply_plan(host_type(model), folds, merges)
     return model.eval(), applied, skipped
 
 

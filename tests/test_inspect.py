@@ -22,8 +22,8 @@ from tests.onnx_graphs import build as build_onnx
 
 SHAPE = ["--input-shape", "4,1,8,8"]
 ARCH = ["--arch", "models.zoo:resnet_digits"]
-ROW_KEYS = {"name", "producer", "consumers", "status", "layer", "layer_kind", "position", "merged_with", "reason",
-            "channels", "eps", "momentum", "num_batches_tracked", "running_mean_min", "running_mean_max",
+ROW_KEYS = {"name", "producer", "consumers", "status", "layer", "layer_kind", "position", "merged_with", "plan",
+            "reason", "channels", "eps", "momentum", "num_batches_tracked", "running_mean_min", "running_mean_max",
             "running_var_min", "running_var_max", "gamma_min", "gamma_max", "magnification_min", "magnification_max",
             "magnification_channel", "dead_channels", "flags", "drift", "note"}
 DOC_KEYS = {"schema_version", "command", "input", "kind", "discovery", "summary", "flags", "bns", "drift", "notes"}

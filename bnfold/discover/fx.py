@@ -39,7 +39,8 @@ _LAYER_CALLS: dict[Any, tuple[str, tuple[str, ...]]] = {
     F.linear: ("linear", ("input", "weight", "bias")),
     _aten.linear.default: ("linear", ("input", "weight", "bias")),
     **{f: ("conv", _CONV_ARGS) for f in (F.conv1d, F.conv2d, F.conv3d, _aten.conv1d.default, _aten.conv2d.default,
-                                          _aten.conv3d.default)},
+                                          _aten.conv3d.default, _aten.conv1d.padding, _aten.conv2d.padding,
+                                          _aten.conv3d.padding)},
     **{f: ("conv_transpose", _CONV_T_ARGS) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
                                                       _aten.conv_transpose1d.default, _aten.conv_transpose2d.input,
                                                       _aten.conv_transpose3d.input)},
@@ -48,7 +49,8 @@ _LAYER_CALLS: dict[Any, tuple[str, tuple[str, ...]]] = {
 # Sums and concatenations, for the structural rules (:mod:`bnfold.discover.rules`).
 _ADDS = {operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor, "add", "add_", "__add__",
          "__iadd__"}
-_CATS = {torch.cat, torch.concat, torch.concatenate, _aten.cat.default, _aten.concat.default}
+_CATS = {torch.cat, torch.concat, torch.concatenate, _aten.cat.default, _aten.concat.default,
+         _aten.concatenate.default}
 _SUBS = {operator.sub, operator.isub, torch.sub, _aten.sub.Tensor, _aten.sub_.Tensor, "sub", "sub_", "__sub__",
          "__isub__"}
 _MULS = {operator.mul, operator.imul, torch.mul, _aten.mul.Tensor, _aten.mul_.Tensor, "mul", "mul_", "__mul__",
@@ -114,11 +116,13 @@ def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
         elif _is_call(fx_node, _MULS):
             node.op, node.operands, node.factor = _product(fx_node, index, constant)
             node.label = fx_node.name
-        elif _is_call(fx_node, _CATS) and fx_node.args and isinstance(fx_node.args[0], (list, tuple)):
-            node.op, node.label = "concat", fx_node.name
-            node.operands = [_operand(a, index) for a in fx_node.args[0]]
-            axis = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("dim", 0)
-            node.axis = axis + (_rank(fx_node) or 0) if isinstance(axis, int) and axis < 0 else axis
+        elif _is_call(fx_node, _CATS):
+            args = _bound(fx_node, ("tensors", "dim"))
+            axis = args.get("dim", args.get("axis", 0))
+            if isinstance(args.get("tensors"), (list, tuple)) and isinstance(axis, int):
+                node.op, node.label = "concat", fx_node.name
+                node.operands = [_operand(a, index) for a in args["tensors"]]
+                node.axis = axis + (_rank(fx_node) or 0) if axis < 0 else axis
         if fx_node.op == "call_function" and (node.bn or node.layer) is not None:
             node.label = (node.bn or node.layer).name
         data = fx_node.args[0] if fx_node.args else None

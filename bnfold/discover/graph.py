@@ -155,6 +155,13 @@ class Discovery:
     neighbours: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     # The traced GraphModule (fx front-end only, sharing the model's modules): merges are written into a copy of it.
     graph: Any = None
+    # Every merge of branches, those without a BN included (they remove convs, and appear in no Fold).
+    merges: list[Merge] = field(default_factory=list)
+
+    def merge_notes(self) -> list[str]:
+        """What the folds do not say: merges of branches that held no BN."""
+        return [f"{m.describe()} at {m.label} (no BatchNorm on those branches)" for m in self.merges
+                if not any(b.bn for b in m.branches)]
 
 
 def unrecognised(discovery: Discovery, stat_paths: list[str]) -> Discovery:
@@ -184,16 +191,20 @@ def pair(nodes: dict[int, Node], method: str, *, structural: bool = True) -> Dis
         if node.bn is not None and node.bn.name not in found.neighbours:
             found.bns.append(node.bn)
             found.neighbours[node.bn.name] = _neighbours(node, nodes)
-    merged, merge_reasons = rules.find_merges(nodes)
+    merges, merge_reasons = rules.find_merges(nodes)
     if not structural:
-        for fold in merged:
-            merge_reasons[fold.bn.name] = (f"on a branch of {fold.merge.label}: merging its branches into one conv "
-                                           "would remove it, but that changes the architecture, which this model "
-                                           "keeps (--keep-structure / a state dict for the same class)")
-        merged = []
-    found.folds.extend(merged)
-    work = rules.apply_merges(nodes, merged)
-    done = {f.bn.name for f in merged}
+        for merge in merges:
+            for branch in merge.branches:
+                if branch.bn is not None:
+                    merge_reasons[branch.bn.name] = (
+                        f"on a branch of {merge.label}: merging its branches into one conv would remove it, but "
+                        "that changes the architecture, which this model keeps (--keep-structure / a state dict "
+                        "for the same class)")
+        merges = []
+    found.merges = merges
+    found.folds.extend(Fold(b.bn, m.target, "merge", merge=m) for m in merges for b in m.branches if b.bn)
+    work = rules.apply_merges(nodes, merges)
+    done = {f.bn.name for f in found.folds}
     for node in work.values():
         if node.bn is None or node.bn.name in done:
             continue

@@ -45,6 +45,7 @@ class _Observer(TorchFunctionMode):
         self.paths = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
         self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.leaves: dict[int, tuple[str, Any]] = {}
+        self.modules = dict(model.named_modules())
         for name, module in model.named_modules():
             if is_bn_module(module):
                 self.leaves[id(module)] = (name, bn_ref(name, module))
@@ -123,6 +124,12 @@ class _Observer(TorchFunctionMode):
         if not isinstance(weight, torch.Tensor):
             return None, None
         shape = tuple(weight.shape)
+        # The module that owns the weight, when it is a Conv/Linear subclass with a bias slot (timm's Conv2dSame
+        # passes self.bias): a bias can be given to it. Every observed fold is checked numerically afterwards.
+        owner_path = paths["weight"].rpartition(".")[0]
+        owner = self.modules.get(owner_path)
+        module = owner_path if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and (
+            "bias" in owner._parameters and (bias is None or owner._parameters["bias"] is bias)) else None
         geometry = None
         if kind == "conv":
             geometry = conv_geometry(shape[2:], bound.get("stride", 1), bound.get("padding", 0),
@@ -130,7 +137,7 @@ class _Observer(TorchFunctionMode):
         return LayerRef(name=paths["weight"].rpartition(".")[0] or paths["weight"], kind=kind, weight=paths["weight"],
                         bias=paths.get("bias"), groups=int(bound.get("groups", 1)),
                         padded=geometry is not None and any(p != (0, 0) for p in geometry.pads), shape=shape,
-                        geometry=geometry), None
+                        geometry=geometry, module=module), None
 
     def _functional_bn(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BNRef:
         names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")

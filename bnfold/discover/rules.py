@@ -108,15 +108,16 @@ def _classify(leaf: _Leaf, tree: set[int], nodes: dict[int, Node]) -> _Raw:
     return _Raw(None, None, leaf.ident, leaf)
 
 
-def find_merges(nodes: dict[int, Node]) -> tuple[list[Fold], dict[str, str]]:
-    """Every re-parameterisable sum: the folds of the BNs it merges, and for blocks that look like one but
-    cannot merge, a reason for each BN on a branch without a conv (the others still fold into their conv).
+def find_merges(nodes: dict[int, Node]) -> tuple[list[Merge], dict[str, str]]:
+    """Every re-parameterisable sum (merges), and for blocks that look like one but cannot merge, a reason for
+    each BN on a branch without a conv (the others still fold into their conv).
 
     A sum is an expression of Adds, Subs, Identities and products with per-channel constants (FastViT's
     ``x + layer_scale * (mixer(x) - norm(x))``). The outermost is tried first; when it cannot merge, the sums
-    inside it are tried on their own.
+    inside it are tried on their own. A sum of convs without any BN merges too (an exporter may have folded
+    each branch's BN already): it removes convs, not BNs.
     """
-    folds: list[Fold] = []
+    merges: list[Merge] = []
     reasons: dict[str, str] = {}
     consumed: set[int] = set()
     for root in sorted(nodes.values(), key=lambda n: n.key, reverse=True):
@@ -126,20 +127,21 @@ def find_merges(nodes: dict[int, Node]) -> tuple[list[Fold], dict[str, str]]:
         tree = {root.key, *inner}
         raws = [_classify(leaf, tree, nodes) for leaf in leaves]
         sources = [r.source for r in raws]
-        if (len(raws) < 2 or not any(r.bn for r in raws) or not any(r.conv for r in raws)
+        convs = sum(1 for r in raws if r.conv)
+        if (len(raws) < 2 or not convs or not (convs > 1 or any(r.bn for r in raws))
                 or max(sources.count(s) for s in sources) < 2):
             continue  # not a re-parameterisable block
         merged = _merge(root, inner, raws, nodes)
         if isinstance(merged, Merge):
-            folds.extend(Fold(b.bn, merged.target, "merge", merge=merged) for b in merged.branches if b.bn)
+            merges.append(merged)
             consumed |= tree | {n.key for r in raws for n in (r.conv, r.bn) if n is not None}
         else:
             for raw in raws:
                 if raw.bn is not None and raw.conv is None:
                     reasons.setdefault(raw.bn.bn.name,
                                        f"on a branch of {root.label} that cannot merge into one conv: {merged}")
-    merged_bns = {f.bn.name for f in folds}
-    return folds, {bn: why for bn, why in reasons.items() if bn not in merged_bns}
+    merged_bns = {b.bn.name for m in merges for b in m.branches if b.bn}
+    return merges, {bn: why for bn, why in reasons.items() if bn not in merged_bns}
 
 
 def _merge(root: Node, inner: list[int], raws: list[_Raw], nodes: dict[int, Node]) -> Merge | str:
@@ -217,10 +219,9 @@ def _fmt(value) -> str:
     return str(value).replace(" ", "")
 
 
-def apply_merges(nodes: dict[int, Node], folds: list[Fold]) -> dict[int, Node]:
-    """The graph as it is once ``folds``' merges are done: each root Add becomes its target conv (a copy;
-    ``nodes`` is not changed), so the other rules see the merged conv (a BN after the Add folds into it)."""
-    merges = {f.merge for f in folds if f.merge is not None}
+def apply_merges(nodes: dict[int, Node], merges: list[Merge]) -> dict[int, Node]:
+    """The graph as it is once ``merges`` are done: each root Add becomes its target conv (a copy; ``nodes`` is
+    not changed), so the other rules see the merged conv (a BN after the Add folds into it)."""
     if not merges:
         return nodes
     work = {k: dataclasses.replace(n, users=list(n.users), operands=list(n.operands)) for k, n in nodes.items()}

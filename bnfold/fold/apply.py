@@ -90,11 +90,16 @@ def write(root: nn.Module, path: str, value: torch.Tensor) -> None:
 
 
 class ModuleHost:
-    """An ``nn.Module`` tree: a folded BN module is replaced by Identity or its activation."""
+    """An ``nn.Module`` tree: a folded BN module is replaced by Identity or its activation.
+
+    Given a ``GraphModule`` it also rewrites the graph: merges, and biases for functional calls."""
+
+    rewrites = True  # may be handed the traced graph of the model instead of the model
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
         self._graph_biases: dict[str, str] = {}  # weight path -> bias attribute added to its functional call
+        self._names: dict[int, list[str]] | None = None  # id(tensor) -> every path naming it
 
     def get(self, path: str) -> torch.Tensor:
         return get_tensor(self.root, path)
@@ -114,7 +119,14 @@ class ModuleHost:
 
     def claim_layer(self, layer: LayerRef) -> LayerRef:
         """``layer`` with its current tensors: an earlier fold into the same layer (BN -> conv -> BN) may have
-        given it the bias it had no room for at discovery time."""
+        given it the bias it had no room for at discovery time. A tensor that another path names too (tied
+        weights) is refused: writing it would change the other layer."""
+        for role, path in (("weight", layer.weight), ("bias", layer.bias)):
+            names = self._aliases().get(id(get_tensor(self.root, path)), []) if path else []
+            if len(names) > 1:
+                other = next(n for n in names if n != path)
+                raise CannotFold(f"the {role} of {layer.name} is the same tensor as {other} (tied weights): folding "
+                                 "would change both")
         if layer.bias is None and layer.module is not None:
             bias = getattr(self.root.get_submodule(layer.module), "bias", None)
             if isinstance(bias, torch.Tensor):
@@ -124,6 +136,14 @@ class ModuleHost:
             if added is not None:
                 return dataclasses.replace(layer, bias=added)
         return layer
+
+    def _aliases(self) -> dict[int, list[str]]:
+        if self._names is None:
+            self._names = {}
+            for name, tensor in [*self.root.named_parameters(remove_duplicate=False),
+                                 *self.root.named_buffers(remove_duplicate=False)]:
+                self._names.setdefault(id(tensor), []).append(name)
+        return self._names
 
     def merge(self, merge: Merge) -> None:
         """Rewrite the graph: the merged conv takes the place of the Add, the other branches go."""
@@ -185,25 +205,33 @@ def _check_stored(host: TensorHost, layer: LayerRef, *tensors: torch.Tensor) -> 
                          f"{limit:.6g}): a tiny running_var magnifies them; keep this BN, or fold in float32")
 
 
-def apply_plan(host: TensorHost, folds: list[Fold]) -> tuple[list[Fold], list[Skip]]:
-    """Apply ``folds`` in order (each merge once, for all its BNs): what was applied, and what the tensors or
-    the host refused, each with its reason."""
+def apply_plan(host: TensorHost, folds: list[Fold], merges: list[Merge] = ()) -> tuple[list[Fold], list[Skip]]:
+    """Apply ``merges`` (each once, before anything folds into a merged conv), then ``folds`` in order: what was
+    applied, and what the tensors or the host refused, each with its reason. A fold whose merge is not in
+    ``merges`` applies that merge when it comes."""
     applied: list[Fold] = []
     refused: list[Skip] = []
-    merges: dict[Merge, str | None] = {}  # merge -> why it was refused (None: done)
+    done: dict[Merge, str | None] = {}  # merge -> why it was refused (None: done)
+
+    def merge_once(merge: Merge) -> str | None:
+        if merge not in done:
+            try:
+                apply_merge(host, merge)
+                done[merge] = None
+            except CannotFold as exc:
+                done[merge] = str(exc)
+        return done[merge]
+
+    for merge in merges:
+        merge_once(merge)
     for fold in folds:
         try:
             if fold.merge is not None:
-                if fold.merge not in merges:
-                    try:
-                        apply_merge(host, fold.merge)
-                        merges[fold.merge] = None
-                    except CannotFold as exc:
-                        merges[fold.merge] = str(exc)
-                if merges[fold.merge] is not None:
-                    raise CannotFold(merges[fold.merge])
+                why = merge_once(fold.merge)
+                if why is not None:
+                    raise CannotFold(why)
             else:
-                failed = next((m for m, why in merges.items() if why and m.target in fold.layers), None)
+                failed = next((m for m, why in done.items() if why and m.target in fold.layers), None)
                 if failed is not None:
                     raise CannotFold(f"{failed.target.name} was to be the merge of {failed.label}, which did not happen")
                 apply_fold(host, claim(host, fold))
@@ -321,6 +349,8 @@ class KeepStructureHost(ModuleHost):
     A producer without a bias leaves the folded shift in its BN, so the state dict loads into the
     unchanged architecture.
     """
+
+    rewrites = False
 
     def add_bias(self, layer: LayerRef) -> str | None:
         return None

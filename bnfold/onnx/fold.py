@@ -52,6 +52,6 @@ def fold_graph(model: onnx.ModelProto, *, copy: bool = True) -> OnnxFoldResult:
     found = plan(translate(work))
     host = OnnxHost(work)
     # Folds are reported as discovered: the names the user knows (a shared weight's copy is in the notes).
-    folded, refused = apply_plan(host, found.folds)
+    folded, refused = apply_plan(host, found.folds, found.merges)
     host.finish()
-    return OnnxFoldResult(work, folded, refused + found.skips, found.notes + host.notes)
+    return OnnxFoldResult(work, folded, refused + found.skips, found.notes + found.merge_notes() + host.notes)

@@ -379,6 +379,7 @@ def translate(model: onnx.ModelProto) -> Translation:
     index = GraphIndex.of(graph)
     shapes, notes = _shapes(model)
     ranks = {name: len(shape) for name, shape in shapes.items()}
+    zeros = _zero_constants(graph)
     nodes: dict[int, Node] = {}
     bn_reasons: dict[str, str] = {}
     layer_reasons: dict[int, str] = {}
@@ -398,7 +399,7 @@ def translate(model: onnx.ModelProto) -> Translation:
         standard = onnx_node.domain in ("", "ai.onnx")
         if standard and node.layer is None and onnx_node.op_type in ("Add", "Sum", "Sub", "Mul", "Identity",
                                                                      "Concat"):
-            _mark_structure(node, onnx_node, index, shapes)
+            _mark_structure(node, onnx_node, index, zeros)
         if standard and onnx_node.op_type == "BatchNormalization":
             node.bn, reason = _bn_ref(onnx_node, label, index)
             if reason:
@@ -428,19 +429,40 @@ def translate(model: onnx.ModelProto) -> Translation:
     return Translation(nodes, bn_reasons, layer_reasons, rows_as_input, nested, notes)
 
 
-def _mark_structure(node: Node, onnx_node: onnx.NodeProto, index: GraphIndex,
-                    shapes: dict[str, tuple[int | None, ...]]) -> None:
+def _zero_constants(graph: onnx.GraphProto) -> set[str]:
+    """Small constants that are all zeros (an exporter's ``0 + x``): an Add with one adds nothing."""
+    candidates = [(t.name, t) for t in graph.initializer]
+    candidates += [(n.output[0], n.attribute[0].t) for n in graph.node
+                   if _constant_of(n) is not None and n.attribute[0].name == "value"]
+    inputs = {i.name for i in graph.input}
+    found = set()
+    for name, tensor in candidates:
+        if (name in inputs or int(np.prod(tensor.dims)) > 64 or tensor.data_location == TensorProto.EXTERNAL
+                or tensor.data_type not in (*FLOAT_TYPES, TensorProto.INT32, TensorProto.INT64)):
+            continue
+        try:
+            if not np.any(numpy_helper.to_array(tensor)):
+                found.add(name)
+        except (ValueError, TypeError):  # malformed data: not a known zero
+            continue
+    return found
+
+
+def _mark_structure(node: Node, onnx_node: onnx.NodeProto, index: GraphIndex, zeros: set[str]) -> None:
     """An Add, Sum, Sub, Identity, Mul by a per-channel constant, or Concat, for the structural rules."""
     def constant(name: str) -> bool:
         return not name or name in index.constants or (name in index.inputs and name in index.initializers)
 
-    operands = [(None, None) if constant(name) else (name, index.producer.get(name)) for name in onnx_node.input]
     op = onnx_node.op_type
+    names = list(onnx_node.input)
+    if op in ("Add", "Sum") and len(names) > 1:
+        names = [name for name in names if name not in zeros] or names[:1]
+    operands = [(None, None) if constant(name) else (name, index.producer.get(name)) for name in names]
     if op == "Mul":
-        data = [i for i, name in enumerate(onnx_node.input) if not constant(name)]
-        if len(onnx_node.input) != 2 or len(data) != 1 or node.rank is None:
+        data = [i for i, name in enumerate(names) if not constant(name)]
+        if len(names) != 2 or len(data) != 1 or node.rank is None:
             return
-        factor = onnx_node.input[1 - data[0]]
+        factor = names[1 - data[0]]
         const = index.constants.get(factor)
         if (const is None or const.data_type not in FLOAT_TYPES or index.not_constant(factor, "scale")
                 or not per_channel(const.shape, node.rank)):
@@ -482,6 +504,7 @@ def plan(found: Translation) -> Discovery:
         reason = found.bn_reasons.get(skip.bn) or _neighbour_reason(nodes[key_of[skip.bn]], nodes, found.layer_reasons)
         skips.append(Skip(skip.bn, reason) if reason else skip)
     return Discovery(folds=folds, skips=skips + found.nested_bns, method="onnx", notes=list(found.notes),
+                     merges=paired.merges,
                      bns=paired.bns, neighbours=paired.neighbours)
 
 
