@@ -8,6 +8,7 @@ The caller's model is never modified.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,10 +193,17 @@ def _revert_failing(reference: nn.Module, folds: list[Fold], cases: list[Case], 
     kept: list[Fold] = []
     reverted: list[Skip] = []
     for fold in folds:
-        candidate, _, _ = _apply(reference, [*kept, fold], host_type)
-        results = check_parity(cases, candidate, atol, rtol)
-        if all(results):
-            kept.append(fold)
+        # A layer given a bias through its module may not read it (a functional call passing None): then the BN
+        # can still keep the shift (z + shift), so that is tried before giving up.
+        attempts = [fold]
+        if fold.layer.module is not None and fold.layer.bias is None and not fold.parts:
+            attempts.append(dataclasses.replace(fold, layer=dataclasses.replace(fold.layer, module=None)))
+        for attempt in attempts:
+            candidate, _, _ = _apply(reference, [*kept, attempt], host_type)
+            results = check_parity(cases, candidate, atol, rtol)
+            if all(results):
+                kept.append(attempt)
+                break
         else:
             worst = min(results, key=bool).worst()
             figure = f" ({worst.figure()})" if worst else ""

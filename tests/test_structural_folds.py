@@ -1041,11 +1041,9 @@ class BiasIgnoringSame(nn.Conv2d):
         return F.conv2d(x, self.weight, None, self.stride, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="observed discovery gives the functional conv's *module* a bias for the shift, "
-                                       "but forward passes None, not self.bias: the fold changes the outputs and is "
-                                       "reverted ('the layer's output is probably also used on another code path'), "
-                                       "where neutralising the BN (z + shift) would have folded it exactly")
 def test_observed_conv_that_ignores_its_bias_attribute_still_folds():
+    # Observed discovery gives the functional conv's module a bias for the shift, but forward passes None, not
+    # self.bias: that fold changes the outputs, and the BN keeping the shift (z + shift) is tried next.
     torch.manual_seed(0)
     model = randomize(nn.Sequential(OrderedDict(conv=BiasIgnoringSame(4, 6, 3, bias=False), bn=nn.BatchNorm2d(6))))
     x = example(X4)

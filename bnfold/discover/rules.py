@@ -91,6 +91,7 @@ class _Raw:
     bn: Node | None
     source: str | None  # the tensor the branch reads
     leaf: _Leaf
+    why: str | None = None  # why a conv next to it does not count as part of the branch
 
 
 def _classify(leaf: _Leaf, tree: set[int], nodes: dict[int, Node]) -> _Raw:
@@ -102,10 +103,21 @@ def _classify(leaf: _Leaf, tree: set[int], nodes: dict[int, Node]) -> _Raw:
         conv = nodes.get(node.input) if node.input is not None else None
         if conv is not None and conv.layer is not None and _only_reader(conv, {node.key}) and conv.calls == 1:
             return _Raw(conv, node, conv.source, leaf)
-        return _Raw(None, node, node.source, leaf)
+        why = None
+        if conv is not None and conv.layer is not None:
+            others = [nodes[u].label for u in conv.users if u != node.key] + (["the output"] if conv.is_output else [])
+            why = (f"the output of {conv.layer.name} also feeds {', '.join(others)}" if others else
+                   f"{conv.layer.name} runs {conv.calls} times per forward")
+        return _Raw(None, node, node.source, leaf, why)
     if node.layer is not None and own:
         return _Raw(node, None, node.source, leaf)
     return _Raw(None, None, leaf.ident, leaf)
+
+
+def _label(raw: _Raw) -> str:
+    if raw.conv is not None or raw.bn is not None:
+        return (raw.conv or raw.bn).label
+    return "a constant" if raw.leaf.ident is None else f"'{raw.leaf.ident}'"
 
 
 def find_merges(nodes: dict[int, Node]) -> tuple[list[Merge], dict[str, str]]:
@@ -147,8 +159,10 @@ def find_merges(nodes: dict[int, Node]) -> tuple[list[Merge], dict[str, str]]:
 def _merge(root: Node, inner: list[int], raws: list[_Raw], nodes: dict[int, Node]) -> Merge | str:
     """The merge of ``raws`` into one conv, or why they cannot merge."""
     if len({r.source for r in raws}) > 1 or raws[0].source is None:
-        what = ", ".join(sorted({(r.conv or r.bn).label if (r.conv or r.bn) else "another input" for r in raws}))
-        return f"its operands ({what}) do not all read the same input"
+        why = next((r.why for r in raws if r.why), None)
+        if why:
+            return why
+        return f"its operands ({', '.join(sorted({_label(r) for r in raws}))}) do not all read the same input"
     convs = [r.conv for r in raws if r.conv is not None]
     layers = [c.layer for c in convs]
     for layer in layers:

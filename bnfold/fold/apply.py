@@ -387,7 +387,14 @@ class GraphHost(ModuleHost):
             gm.graph.erase_node(out)
         for user in list(node.users):  # the unused statistics outputs of tuple-returning ops
             gm.graph.erase_node(user)
+        constants = _constant_inputs({node})
+        owner = (ref.mean or "").rpartition(".")[0]
         gm.graph.erase_node(node)
+        for stale in reversed(list(gm.graph.nodes)):  # the BN's tensors (num_batches_tracked too): not carried on
+            if not stale.users and (stale in constants or (owner and stale.op == "get_attr" and
+                                                           str(stale.target).startswith(owner + "."))):
+                gm.graph.erase_node(stale)
+        gm.delete_all_unused_submodules()
         gm.recompile()
 
 
@@ -434,9 +441,14 @@ def merge_in_graph(gm: fx.GraphModule, merge: Merge) -> None:
         if outside:
             raise CannotFold(f"{node.name} is also read by {outside[0]}")
     constants = _constant_inputs(doomed)
+    owners = tuple(f"{path.rpartition('.')[0]}." for b in merge.branches
+                   for path in ((b.bn.mean if b.bn else None), (b.layer.weight if b.layer and b.layer != merge.target
+                                                                 else None)) if path and "." in path)
     root.replace_all_uses_with(target)
     for node in reversed(list(gm.graph.nodes)):
-        if node in doomed or (node in constants and not node.users):  # with what only they read (a layer scale)
+        # with what only they read (a layer scale), and the tensors of the modules that go (num_batches_tracked)
+        stale = not node.users and (node in constants or (node.op == "get_attr" and str(node.target).startswith(owners)))
+        if node in doomed or stale:
             gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
     gm.recompile()
