@@ -2,6 +2,10 @@
 
 ``import bnfold`` is light (its public names load on first use), so this runs before the slow imports and can
 handle the signals that arrive during them; the commands then take over (``bnfold.cli._exit_through``).
+
+A signal during the imports is noted and acted on once they finish (a second or two later), not raised where it
+lands: a KeyboardInterrupt inside a C extension's import (numpy, ml_dtypes) leaves the module half-initialised,
+and the next import then fails with a RecursionError traceback instead of exiting.
 """
 
 from __future__ import annotations
@@ -10,23 +14,20 @@ import signal
 import sys
 
 
-class _Terminated(BaseException):
-    """SIGTERM during start-up, as an exception (like KeyboardInterrupt for SIGINT)."""
-
-
 def main() -> None:
-    def terminate(signum: int, frame: object) -> None:
-        raise _Terminated
+    received: list[int] = []
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    def note(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         from bnfold.cli import main as cli
-    except KeyboardInterrupt:
-        _quit(signal.SIGINT)
-    except _Terminated:
-        _quit(signal.SIGTERM)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        _quit(received[0])
     cli(prog_name="bnfold")
 
 
