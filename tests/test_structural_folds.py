@@ -1051,3 +1051,32 @@ def test_observed_conv_that_ignores_its_bias_attribute_still_folds():
     assert result.ok and result.discovery == "observed"
     assert rel_error(runnable(result)(x), reference(model, x)) < RTOL_FP32
     assert positions(result) == {"after": 1}, result.skipped
+
+
+def test_bn_after_a_difference_of_convs_is_not_folded_as_a_sum():
+    """BN(b(pool(x)) - a(x)): folding the shift into a would subtract it; the rule for Adds must not take a Sub.
+    (With both convs reading x, the difference merges into one conv first, and the BN then folds into it.)"""
+
+    class Diff(nn.Module):
+        def __init__(self, same_input: bool) -> None:
+            super().__init__()
+            self.same_input = same_input
+            self.a = nn.Conv2d(4, 6, 3, padding=1, stride=1 if same_input else 2)
+            self.b = nn.Conv2d(4, 6, 1, bias=False)
+            self.pool = nn.AvgPool2d(2)
+            self.bn = nn.BatchNorm2d(6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.b(x if self.same_input else self.pool(x)) - self.a(x))
+
+    for same_input in (False, True):
+        torch.manual_seed(0)
+        model = randomize(Diff(same_input))
+        x = example(X4)
+        result = fuse(model, x, "fx")
+        assert result.ok
+        assert rel_error(runnable(result)(x), reference(model, x)) < RTOL_FP32
+        if same_input:
+            assert positions(result) == {"after": 1} and any("merged 2 branches" in n for n in result.notes)
+        else:
+            assert [s.bn for s in result.skipped] == ["bn"] and not result.folded

@@ -238,7 +238,7 @@ def _pair_one(node: Node, nodes: dict[int, Node], structural: bool) -> Fold | Sk
     after: Fold | Skip | None = None
     if src is not None and src.layer is not None:
         after = _try_after(node, src, nodes)
-    elif src is not None and src.op is not None and structural:
+    elif src is not None and src.op in ("add", "concat") and structural:
         from bnfold.discover.rules import through
 
         after = through(node, src, nodes)

@@ -3,14 +3,16 @@
 Stated once on the pairing graph of :mod:`bnfold.discover.graph`, so the same rules serve torch.fx graphs,
 ``torch.export`` graphs and ONNX graphs (each front-end marks Adds and Concats with :attr:`Node.op`):
 
-* :func:`find_merges`: **branch merging** (re-parameterisation). An Add whose operands all read one input
-  through ``conv -> BN``, ``conv``, ``BN`` (an identity kernel) or nothing (the input itself) is one conv:
-  every kernel is scaled by its BN, padded to the largest kernel and summed, the biases summed. RepVGG,
-  MobileOne and DBB train this way; timm's ``reparameterize_model`` does it with the model's own code.
+* :func:`find_merges`: **branch merging** (re-parameterisation). A sum (Adds, Subs, Identities, products
+  with a per-channel constant) whose operands all read one input through ``conv -> BN``, ``conv``, ``BN`` (an
+  identity kernel) or nothing (the input itself) is one conv: every kernel is scaled by its BN and its
+  coefficient in the sum, padded to the largest kernel and summed, the biases likewise. RepVGG, MobileOne,
+  DBB and FastViT's RepMixer train this way; timm's ``reparameterize_model`` does it with the model's own code.
 * :func:`through`, Concat: a BN after a channel Concat of conv/linear outputs (each used only by the Concat)
   is a per-slice fold: each producer absorbs its channels of the BN.
-* :func:`through`, Add: a BN after an Add of conv/linear outputs (each used only by the Add) scales every
-  operand; one operand also absorbs the shift: ``BN(a + b) = s*a + s*b + t``.
+* :func:`through`, Add: a BN after an Add (or a chain of Adds) of conv/linear outputs (each used only by the
+  Add) scales every operand; one operand also absorbs the shift: ``BN(a + b) = s*a + s*b + t``. Only Adds: a
+  Sub or a product on the way would put the shift on the wrong side.
 
 Each rule checks its conditions on the graph alone and, when one fails, says which and where.
 """
@@ -259,7 +261,7 @@ def apply_merges(nodes: dict[int, Node], merges: list[Merge]) -> dict[int, Node]
 def through(bn_node: Node, src: Node, nodes: dict[int, Node]) -> Fold | Skip:
     """The fold of a BN whose input is the Concat or Add ``src``, or why it does not fold."""
     bn = bn_node.bn
-    assert bn is not None and src.op is not None
+    assert bn is not None and src.op in ("add", "concat")
     what = "Concat" if src.op == "concat" else "Add"
     if not _only_reader(src, {bn_node.key}):
         others = [nodes[u].label for u in src.users if u != bn_node.key] + (["the model output"] if src.is_output else [])
