@@ -504,3 +504,16 @@ def test_exported_modules(name):
         expected_out = copy.deepcopy(module).double()(torch.from_numpy(x).double()).numpy()
     (got,) = run(result.model, {"x": x})
     assert np.abs(got - expected_out).max() <= 1e-5 * np.abs(expected_out).max()
+
+
+@pytest.mark.parametrize("attrs", ["dilations=[0,0], pads=[0,0,0,0]", "strides=[0,0], pads=[0,0,0,0]",
+                                   "pads=[-1,-1,1,1]"])
+def test_invalid_conv_attributes_are_refused_not_crashed_on(attrs):
+    """Attack: a branch Conv with a zero dilation or stride, or a negative pad (onnxruntime refuses such a graph).
+    Expected: no merge and a reason, not a ZeroDivisionError inside the rule."""
+    model = build(HEADER + repvgg(a1=attrs))  # not graph(): the checker refuses it, and that is the point
+    for node in model.graph.node:
+        node.name = node.output[0]
+    result = bnfold.fold_graph(model)
+    assert "merge" not in positions(result)
+    assert "cannot tell the padding" in reasons(result)["ni"]

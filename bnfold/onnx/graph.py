@@ -327,6 +327,8 @@ def _geometry(attrs: dict[str, object], shape: tuple[int, ...]) -> Geometry | No
     dilations = tuple(attrs.get("dilations", [1] * dims))
     if len(pads) != 2 * dims or len(strides) != dims or len(dilations) != dims:
         return None
+    if any(v < 1 for v in (*strides, *dilations)) or any(p < 0 for p in pads):  # not a valid Conv: no merge
+        return None
     return Geometry(strides, dilations, tuple(zip(pads[:dims], pads[dims:])))
 
 
