@@ -718,7 +718,7 @@ def table_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
 
 
 #: Models whose branches bnfold should merge; listed in the re-parameterisation table even if nothing merged.
-REPARAM_MODELS = ("repvgg_tiny", "mobileone_tiny", *BENCH_SPECS)
+REPARAM_MODELS = ("repvgg_tiny", "mobileone_tiny", "repmixer_tiny", *BENCH_SPECS)
 
 REPARAM_COLUMNS = ["model", "input", "batch", "convs unfolded -> folded", "BNs merged / folded / left",
                    "unfolded ms", "folded ms", "lower-bound ms", "folded / bound", "bound A/A %", "folded / unfolded"]
@@ -846,10 +846,9 @@ def summarise(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def bnfold_files() -> list[Path]:
-    """Source files of the bnfold modules this process has imported (the ones the figures depend on)."""
-    files = {Path(m.__file__) for n, m in list(sys.modules.items())
-             if n.split(".")[0] == "bnfold" and getattr(m, "__file__", None)}
-    return sorted(files)
+    """Every source file of the bnfold package (``import bnfold`` is lazy: at start-up only ``__init__`` is
+    imported, so hashing the imported modules alone would not see a change in the rest)."""
+    return sorted(Path(bnfold.__file__).parent.rglob("*.py"))
 
 
 def source_state(files: list[Path] | None = None) -> dict[str, Any]:

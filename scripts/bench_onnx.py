@@ -42,7 +42,7 @@ Five tables:
    process start, imports and loading included); wall time and the stage timings ``result.timings`` reports.
 
 5. **onnxruntime latency, exported vs bnfold-folded vs the BN->Identity bound** (``--latency-models``; by default
-   the re-parameterisation models: the zoo's ``repvgg_tiny`` ... ``reparam_negatives_tiny`` and the bench-sized
+   the re-parameterisation models: the zoo's ``repvgg_tiny`` ... ``repmixer_tiny`` and the bench-sized
    RepVGG / MobileOne of ``scripts/bench_fuse.py``). For each exporter (``torchscript`` and ``dynamo`` as above, and
    ``unfolded``: TorchScript with ``do_constant_folding=False``, every BN in the graph), three graphs run in
    onnxruntime at its default level (``ORT_ENABLE_ALL``, as a deployment would run them, so onnxruntime's own
@@ -130,7 +130,7 @@ TARGET_EXPORT_S = 30.0
 MAX_OTHER_LOAD = 0.15  # share of the CPU other processes may take during a ResNet-50 measurement
 #: Table 5's default models: the re-parameterisation zoo models and the bench-sized RepVGG / MobileOne.
 LATENCY_MODELS = ("repvgg_tiny", "mobileone_tiny", "mixconv_tiny", "residual_bn_tiny", "same_pad_tiny",
-                  "reparam_negatives_tiny", *BENCH_SPECS)
+                  "reparam_negatives_tiny", "repmixer_tiny", *BENCH_SPECS)
 LATENCY_EXPORTERS = ("torchscript", "dynamo", "unfolded")
 LATENCY_BATCHES = (1, 8)
 LATENCY_VARIANTS = ("exported", "bnfold", "bound", "bound A/A")
