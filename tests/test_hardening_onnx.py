@@ -222,9 +222,11 @@ def conv_bn(weight_as: str = "initializer", stat_as: str = "initializer") -> onn
             inputs.append(info)
         elif where == "overridable initializer":
             inputs.append(info)
-        elif where == "node output":
+        elif where == "node output":  # computed from a graph input too (from constants alone it would fold)
             initializers[f"{name}_source"] = initializers.pop(name)
-            nodes.insert(0, onnx.helper.make_node("Identity", [f"{name}_source"], [name]))
+            inputs.append(onnx.helper.make_tensor_value_info(f"{name}_delta", onnx.TensorProto.FLOAT,
+                                                             tensors[name].shape))
+            nodes.insert(0, onnx.helper.make_node("Add", [f"{name}_source", f"{name}_delta"], [name]))
     graph = onnx.helper.make_graph(nodes, "conv_bn", inputs,
                                    [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 2, 2])],
                                    [onnx.numpy_helper.from_array(v, k) for k, v in initializers.items()])

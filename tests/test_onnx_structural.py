@@ -517,3 +517,54 @@ def test_invalid_conv_attributes_are_refused_not_crashed_on(attrs):
     result = bnfold.fold_graph(model)
     assert "merge" not in positions(result)
     assert "cannot tell the padding" in reasons(result)["ni"]
+
+
+# -- weights computed from constants (weight standardisation) -----------------------------------------------------
+def _std_conv_graph(noise: bool = False) -> onnx.ModelProto:
+    """A weight-standardised conv (timm's StdConv2d, exported by TorchScript: the weight is normalised by a
+    training-mode BatchNormalization over the stored weight) followed by a BN. ``noise``: the weight also gets
+    ``RandomNormalLike`` noise, which must never be evaluated ahead of time."""
+    from models.reparam import StdConv2d
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = StdConv2d(4, 6, 3)
+            self.bn = nn.BatchNorm2d(6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x))
+
+    model = randomize(Block()).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 4, 6, 6),), buffer, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    exported = onnx.load_from_string(buffer.getvalue())
+    if noise:
+        conv = next(n for n in exported.graph.node if n.op_type == "Conv")
+        noisy = onnx.helper.make_node("RandomNormalLike", [conv.input[1]], ["noise"], scale=0.0)
+        added = onnx.helper.make_node("Add", [conv.input[1], "noise"], ["noisy_weight"])
+        position = list(exported.graph.node).index(conv)
+        exported.graph.node.insert(position, added)
+        exported.graph.node.insert(position, noisy)
+        conv.input[1] = "noisy_weight"
+    return exported
+
+
+def test_a_weight_computed_from_constants_is_evaluated_and_the_bn_folds():
+    model = _std_conv_graph()
+    assert op_count(model, BN) == 2  # the standardisation (training mode, over the weight) and the real BN
+    result = fold(model)
+    assert op_count(result.model, BN) == 0 and positions(result) == {"after": 1}
+    assert any("computed from constants alone" in note for note in result.notes)
+    assert_parity(model, result.model)
+    assert [f.bn.name for f in bnfold.plan(model).folds] == [f.bn.name for f in result.folded]  # the plan says so
+
+
+def test_a_weight_with_random_noise_is_not_evaluated():
+    model = _std_conv_graph(noise=True)
+    result = bnfold.fold_graph(model)
+    assert not result.folded and op_count(result.model, BN) == 2
+    assert not any("computed from constants alone" in note for note in result.notes)

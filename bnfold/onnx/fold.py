@@ -13,6 +13,7 @@ import onnx
 
 from bnfold.discover.graph import Discovery, Fold, Skip
 from bnfold.fold.apply import apply_plan
+from bnfold.onnx.constants import computed_weights, fold_constant_weights
 from bnfold.onnx.graph import OnnxHost, check_supported, plan, translate
 
 
@@ -32,6 +33,13 @@ def discover_graph(model: onnx.ModelProto) -> Discovery:
     Raises :class:`bnfold.errors.LoadError` for a model bnfold cannot fold (opset, unknown operators).
     """
     check_supported(model)
+    if computed_weights(model):  # planned as fold_graph folds it: on a copy with those weights evaluated
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        notes = fold_constant_weights(work)
+        found = plan(translate(work))
+        found.notes = notes + found.notes
+        return found
     return plan(translate(model))
 
 
@@ -49,7 +57,9 @@ def fold_graph(model: onnx.ModelProto, *, copy: bool = True) -> OnnxFoldResult:
     if copy:
         work = onnx.ModelProto()
         work.CopyFrom(model)
+    evaluated = fold_constant_weights(work)
     found = plan(translate(work))
+    found.notes = evaluated + found.notes
     host = OnnxHost(work)
     # Folds are reported as discovered: the names the user knows (a shared weight's copy is in the notes).
     folded, refused = apply_plan(host, found.folds, found.merges)
