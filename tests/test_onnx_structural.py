@@ -23,6 +23,7 @@ from onnx import TensorProto, numpy_helper
 from torch import nn
 
 import bnfold
+from models import zoo
 from tests.onnx_graphs import build, feeds, op_count, run
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -454,16 +455,7 @@ class AddHeads(nn.Module):
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.3)
-    return model.eval()
+    return zoo.randomize_bn_statistics(model, torch.Generator().manual_seed(seed)).eval()
 
 
 EXPORTED = {
