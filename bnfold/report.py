@@ -238,7 +238,8 @@ def _plan_cell(row: Any) -> str:
     if row.fold.merge is not None or row.fold.parts:
         cell = f"[green]folds[/green]: {escape(row.fold.describe())}"
     else:
-        cell = f"[green]folds[/green] into {escape(row.fold.layer.name)} ({row.fold.layer.kind}, BN {row.fold.position})"
+        layer = row.fold.layer
+        cell = f"[green]folds[/green] into {escape(layer.name)} ({layer.kind}, BN {row.fold.position})"
     if row.merged_with:
         cell += f", merged with {escape(', '.join(row.merged_with))}"
     return cell

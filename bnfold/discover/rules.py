@@ -264,7 +264,8 @@ def through(bn_node: Node, src: Node, nodes: dict[int, Node]) -> Fold | Skip:
     assert bn is not None and src.op in ("add", "concat")
     what = "Concat" if src.op == "concat" else "Add"
     if not _only_reader(src, {bn_node.key}):
-        others = [nodes[u].label for u in src.users if u != bn_node.key] + (["the model output"] if src.is_output else [])
+        others = [nodes[u].label for u in src.users if u != bn_node.key]
+        others += ["the model output"] if src.is_output else []
         return Skip(bn.name, f"follows {what} {src.label}, whose output also feeds {', '.join(others)}: folding "
                              "would change what those see")
     if src.op == "concat":

@@ -333,8 +333,8 @@ def _geometry(attrs: dict[str, object], shape: tuple[int, ...]) -> Geometry | No
 
 
 def _shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[int | None, ...]], list[str]]:
-    """The shape (None for an unknown dimension) of every name shape inference can tell, run on a copy whose large weights are type and dims only
-    (cheap, and below protobuf's 2 GB limit whatever the model's size)."""
+    """The shape (None for an unknown dimension) of every name shape inference can tell, run on a copy whose large
+    weights are type and dims only (cheap, and below protobuf's 2 GB limit whatever the model's size)."""
     skeleton = onnx.ModelProto()
     _copy_fields(model, skeleton, skip="graph")
     _copy_fields(model.graph, skeleton.graph, skip="initializer")
@@ -432,14 +432,15 @@ def translate(model: onnx.ModelProto) -> Translation:
 
 
 def _zero_constants(graph: onnx.GraphProto) -> set[str]:
-    """Small constants that are all zeros (an exporter's ``0 + x``): an Add with one adds nothing."""
+    """Zero scalars (an exporter's ``0 + x``): an Add with one adds nothing. Only a scalar or a single-element
+    vector: a larger zero tensor could broadcast the sum to another shape."""
     candidates = [(t.name, t) for t in graph.initializer]
     candidates += [(n.output[0], n.attribute[0].t) for n in graph.node
                    if _constant_of(n) is not None and n.attribute[0].name == "value"]
     inputs = {i.name for i in graph.input}
     found = set()
     for name, tensor in candidates:
-        if (name in inputs or int(np.prod(tensor.dims)) > 64 or tensor.data_location == TensorProto.EXTERNAL
+        if (name in inputs or tuple(tensor.dims) not in ((), (1,)) or tensor.data_location == TensorProto.EXTERNAL
                 or tensor.data_type not in (*FLOAT_TYPES, TensorProto.INT32, TensorProto.INT64)):
             continue
         try:
