@@ -284,6 +284,8 @@ def _try_before(node: Node, nodes: dict[int, Node]) -> Fold | Skip | None:
         return None
     dst = nodes[node.users[0]]
     layer = dst.layer
+    if layer is None and dst.refusal is not None and dst.input == node.key:
+        return Skip(bn.name, f"feeds {dst.label}, whose {dst.refusal}")
     if layer is None or layer.kind == "conv_transpose" or dst.input != node.key:
         return None
     if not bn.plain:

@@ -3,7 +3,7 @@
 :func:`translate` makes one :class:`~bnfold.discover.graph.Node` per ONNX node of the main graph, with a
 ``LayerRef`` on Conv, ConvTranspose, Gemm and MatMul (a MatMul followed by a bias ``Add`` is one layer, carried
 by both nodes) and a ``BNRef`` on BatchNormalization; :func:`plan` pairs them with the shared rules. What the
-shared rules cannot see is ONNX-specific and decided here, each with a reason: a parameter that is not a
+shared rules cannot see is ONNX-specific and decided here, each as a node's refusal: a parameter that is not a
 constant (a graph input, an initializer also listed as a graph input, the output of a node), ``spatial=0``
 (opsets 7 and 8), ``training_mode=1``, a Gemm with ``transA=1`` (its input rows are not features), a MatMul
 without a constant 2-D weight or of unknown rank.
@@ -277,9 +277,7 @@ def _bias_add(index: GraphIndex, graph: onnx.GraphProto, matmul: int, features: 
 class Translation:
     """The pairing nodes of one graph, and what only ONNX knows about them."""
 
-    nodes: dict[int, Node]
-    bn_reasons: dict[str, str]  # BN label -> why it cannot fold at all
-    layer_reasons: dict[int, str]  # node key -> why this Conv/Gemm/MatMul cannot take a fold ("its weight ...")
+    nodes: dict[int, Node]  # a BN or Conv/Gemm/MatMul that cannot fold at all says why in its ``refusal``
     rows_as_input: set[str]  # Gemm labels with transA=1: a BN before them normalises rows, not features
     nested_bns: list[Skip]
     notes: list[str] = field(default_factory=list)
@@ -383,8 +381,6 @@ def translate(model: onnx.ModelProto) -> Translation:
     ranks = {name: len(shape) for name, shape in shapes.items()}
     zeros = _zero_constants(graph)
     nodes: dict[int, Node] = {}
-    bn_reasons: dict[str, str] = {}
-    layer_reasons: dict[int, str] = {}
     rows_as_input: set[str] = set()
     for position, onnx_node in enumerate(graph.node):
         label = index.labels[position]
@@ -403,16 +399,10 @@ def translate(model: onnx.ModelProto) -> Translation:
                                                                      "Concat"):
             _mark_structure(node, onnx_node, index, zeros)
         if standard and onnx_node.op_type == "BatchNormalization":
-            node.bn, reason = _bn_ref(onnx_node, label, index)
-            if reason:
-                bn_reasons[label] = reason
-                node.refusal = reason
+            node.bn, node.refusal = _bn_ref(onnx_node, label, index)
         elif standard and onnx_node.op_type in _LAYER_OPS and len(onnx_node.input) >= 2:
-            layer, reason, bias_node = _layer_ref(onnx_node, position, index, ranks, graph)
+            layer, node.refusal, bias_node = _layer_ref(onnx_node, position, index, ranks, graph)
             node.layer = layer
-            if reason:
-                layer_reasons[position] = reason
-                node.refusal = reason
             if bias_node is not None:  # the bias Add carries the same layer: a BN after it folds into both
                 nodes[bias_node] = Node(key=bias_node, label=index.labels[bias_node], layer=layer)
             if onnx_node.op_type == "Gemm" and _attrs(onnx_node).get("transA", 0) == 1:
@@ -428,7 +418,7 @@ def translate(model: onnx.ModelProto) -> Translation:
     nested = [Skip(label, f"inside a subgraph of {index.labels[pos]}: bnfold folds BatchNormalization in the main "
                           "graph only")
               for pos, onnx_node in enumerate(graph.node) for label in _nested_bns(onnx_node, index.labels[pos])]
-    return Translation(nodes, bn_reasons, layer_reasons, rows_as_input, nested, notes)
+    return Translation(nodes, rows_as_input, nested, notes)
 
 
 def _zero_constants(graph: onnx.GraphProto) -> set[str]:
@@ -491,38 +481,19 @@ def _nested_bns(node: onnx.NodeProto, prefix: str) -> Iterator[str]:
 
 
 def plan(found: Translation) -> Discovery:
-    """Pair with the shared rules, then apply what only ONNX knows (see :class:`Translation`)."""
-    nodes = found.nodes
-    paired = pair(nodes, "onnx")
-    key_of = {n.bn.name: k for k, n in nodes.items() if n.bn is not None}
+    """Pair with the shared rules (each node's ``refusal`` included), then apply what only ONNX knows: a BN
+    before a Gemm with transA=1 normalises that Gemm's rows, not its features."""
+    paired = pair(found.nodes, "onnx")
     folds: list[Fold] = []
-    skips: list[Skip] = []
+    skips: list[Skip] = list(paired.skips)
     for fold in paired.folds:
-        reason = found.bn_reasons.get(fold.bn.name)
-        if reason is None and fold.position == "before" and fold.layer.name in found.rows_as_input:
-            reason = (f"feeds Gemm {fold.layer.name} with transA=1: the BN's channels are that Gemm's output rows, "
-                      "not its input features")
-        (skips.append(Skip(fold.bn.name, reason)) if reason else folds.append(fold))
-    for skip in paired.skips:
-        reason = found.bn_reasons.get(skip.bn) or _neighbour_reason(nodes[key_of[skip.bn]], nodes, found.layer_reasons)
-        skips.append(Skip(skip.bn, reason) if reason else skip)
+        if fold.position == "before" and fold.layer.name in found.rows_as_input:
+            skips.append(Skip(fold.bn.name, f"feeds Gemm {fold.layer.name} with transA=1: the BN's channels are that "
+                                            "Gemm's output rows, not its input features"))
+        else:
+            folds.append(fold)
     return Discovery(folds=folds, skips=skips + found.nested_bns, method="onnx", notes=list(found.notes),
-                     merges=paired.merges,
-                     bns=paired.bns, neighbours=paired.neighbours)
-
-
-def _neighbour_reason(node: Node, nodes: dict[int, Node], layer_reasons: dict[int, str]) -> str | None:
-    """The reason a Conv/Gemm/MatMul next to the BN cannot take it, when the shared rules saw no layer there."""
-    if node.input in layer_reasons:
-        return f"follows {nodes[node.input].label}, whose {layer_reasons[node.input]}"
-    src = nodes.get(node.input) if node.input is not None else None
-    if src is not None and src.layer is not None:
-        return None  # the shared rules' reason about that producer stands
-    if len(node.users) == 1 and not node.is_output and node.users[0] in layer_reasons:
-        dst = nodes[node.users[0]]
-        if dst.input == node.key:
-            return f"feeds {dst.label}, whose {layer_reasons[dst.key]}"
-    return None
+                     merges=paired.merges, bns=paired.bns, neighbours=paired.neighbours)
 
 
 # -- reading and writing tensors -----------------------------------------------------------------------------
