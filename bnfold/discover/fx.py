@@ -89,11 +89,8 @@ def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     nodes: dict[int, Node] = {}
-    constant: set[fx.Node] = set()  # computed from attributes alone: a batch_norm over them normalises a weight
+    constant = constant_nodes(gm.graph)  # a batch_norm over these normalises a weight, not a batch
     for fx_node in gm.graph.nodes:
-        inputs = fx_node.all_input_nodes
-        if fx_node.op == "get_attr" or (fx_node.op != "placeholder" and inputs and all(n in constant for n in inputs)):
-            constant.add(fx_node)
         if fx_node.op not in ("call_module", "call_function", "call_method"):
             continue
         node = Node(key=index[fx_node], label=_label(fx_node), name=fx_node.name)
@@ -145,6 +142,17 @@ def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
                 if n.input == item:
                     n.input = index[fx_node]
     return nodes
+
+
+def constant_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from attributes alone (no model input): a weight, its ``view``, its standardisation."""
+    constant: set[fx.Node] = set()
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and inputs
+                                     and all(n in constant for n in inputs)):
+            constant.add(node)
+    return constant
 
 
 def _is_call(fx_node: fx.Node, targets: set[Any]) -> bool:

@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 from torch import fx, nn
 
-from bnfold.discover.fx import bn_output
+from bnfold.discover.fx import bn_output, constant_nodes
 from bnfold.discover.graph import Fold, Merge, Skip
 from bnfold.fold.math import BNParams, BranchTensors, fold_bn_after, fold_bn_before, identity_statistics, merge_branches
 from bnfold.layers import BNRef, LayerRef, bn_replacement, get_tensor
@@ -456,20 +456,12 @@ def merge_in_graph(gm: fx.GraphModule, merge: Merge) -> None:
 
 def _constant_inputs(nodes: set[fx.Node]) -> set[fx.Node]:
     """The attributes ``nodes`` read, and what is computed from attributes alone on the way (a ``view``)."""
+    constant = constant_nodes(next(iter(nodes)).graph) if nodes else set()
     found: set[fx.Node] = set()
     stack = [a for n in nodes for a in n.all_input_nodes]
     while stack:
         node = stack.pop()
-        if node in found or node in nodes:
-            continue
-        inputs = node.all_input_nodes
-        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and inputs and
-                                     all(_is_constant(i) for i in inputs)):
+        if node in constant and node not in found and node not in nodes:
             found.add(node)
-            stack.extend(inputs)
+            stack.extend(node.all_input_nodes)
     return found
-
-
-def _is_constant(node: fx.Node) -> bool:
-    return node.op == "get_attr" or (node.op in ("call_function", "call_method") and bool(node.all_input_nodes)
-                                     and all(_is_constant(i) for i in node.all_input_nodes))
