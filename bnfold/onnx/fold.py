@@ -36,11 +36,17 @@ def discover_graph(model: onnx.ModelProto) -> Discovery:
     if computed_weights(model):  # planned as fold_graph folds it: on a copy with those weights evaluated
         work = onnx.ModelProto()
         work.CopyFrom(model)
-        notes = fold_constant_weights(work)
-        found = plan(translate(work))
-        found.notes = notes + found.notes
-        return found
-    return plan(translate(model))
+        return _plan(work)
+    return _plan(model)
+
+
+def _plan(work: onnx.ModelProto) -> Discovery:
+    """Evaluate ``work``'s layer weights computed from constants (in place: ``work`` is a copy, or the model
+    has none), then pair."""
+    evaluated = fold_constant_weights(work)
+    found = plan(translate(work))
+    found.notes = evaluated + found.notes
+    return found
 
 
 def fold_graph(model: onnx.ModelProto, *, copy: bool = True) -> OnnxFoldResult:
@@ -57,9 +63,7 @@ def fold_graph(model: onnx.ModelProto, *, copy: bool = True) -> OnnxFoldResult:
     if copy:
         work = onnx.ModelProto()
         work.CopyFrom(model)
-    evaluated = fold_constant_weights(work)
-    found = plan(translate(work))
-    found.notes = evaluated + found.notes
+    found = _plan(work)
     host = OnnxHost(work)
     # Folds are reported as discovered: the names the user knows (a shared weight's copy is in the notes).
     folded, refused = apply_plan(host, found.folds, found.merges)
