@@ -111,7 +111,16 @@ from models import zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Waiting for a quiet CPU, the RSS peak, CPU timing, and the bench-sized models of table 5.
-from bench_fuse import BENCH_SPECS, MONITOR, bench_cpu, build, get_spec, maxrss_kb, reset_peak_rss  # noqa: E402
+from bench_fuse import (  # noqa: E402
+    BENCH_SPECS,
+    MONITOR,
+    bench_cpu,
+    build,
+    get_spec,
+    maxrss_kb,
+    reset_peak_rss,
+    source_state,
+)
 
 try:  # optional: not a bnfold dependency
     import onnxslim  # noqa: E402
@@ -952,19 +961,11 @@ def notes(entries: list[dict[str, Any]], fp16: list[dict[str, Any]], r50: dict[s
 
 
 def machine_info() -> dict[str, Any]:
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], check=False, cwd=ROOT, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": ort.__version__, "onnxscript": onnxscript.__version__,
             "onnxslim": getattr(onnxslim, "__version__", "?") if onnxslim is not None else None,
-            "git_commit": git("rev-parse", "--short", "HEAD"),
-            "bnfold_dirty": bool(git("status", "--porcelain", "--", "bnfold"))}
+            **source_state()}  # git commit, local changes under bnfold/, a hash of its sources
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
