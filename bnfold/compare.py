@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bnfold.errors import InputSpecError
+from bnfold.inputs import dtype_name
 
 #: Default tolerances per output dtype: (atol, rtol relative to the output's max magnitude).
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
@@ -155,7 +156,7 @@ def _as_array(value: Any) -> np.ndarray:
 
 def _dtype_name(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        return str(value.dtype).removeprefix("torch.")
+        return dtype_name(value.dtype)
     return str(np.asarray(value).dtype)
 
 

@@ -41,7 +41,8 @@ def _is_integer(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32``, not ``torch.float32``: how a dtype is written in messages (and in ``--input-shape``)."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -59,7 +60,7 @@ class InputSpec:
             return
         reason = _range_problem(self.dtype, self.low, self.high)
         if reason:
-            raise InputSpecError(f"input range {self.low!r}..{self.high!r} for {_dtype_name(self.dtype)} inputs: "
+            raise InputSpecError(f"input range {self.low!r}..{self.high!r} for {dtype_name(self.dtype)} inputs: "
                                  f"{reason}", RANGE_HINT)
         # Plain int/float bounds (not numpy scalars), so that str() writes them back as the parser reads them.
         kind = int if _is_integer(self.dtype) else float
@@ -74,7 +75,7 @@ class InputSpec:
         """The ``--input-shape`` text that parses back to this spec."""
         text = ",".join(str(d) for d in self.shape)
         if self.dtype != torch.float32 or self.has_range:
-            text += f":{_dtype_name(self.dtype)}"
+            text += f":{dtype_name(self.dtype)}"
         if self.has_range:
             text += f":{self.low!r}..{self.high!r}"
         return text
@@ -104,7 +105,7 @@ def _range_problem(dtype: torch.dtype, low: object, high: object) -> str | None:
     if low is None or high is None:
         return "give both LOW and HIGH, or neither"
     if dtype == torch.bool or dtype.is_complex:
-        return f"{_dtype_name(dtype)} inputs take no range; drop it"
+        return f"{dtype_name(dtype)} inputs take no range; drop it"
     numbers = (low, high)
     if any(isinstance(v, bool) or not isinstance(v, Real) for v in numbers):
         return "LOW and HIGH must be numbers"
@@ -114,14 +115,14 @@ def _range_problem(dtype: torch.dtype, low: object, high: object) -> str | None:
         return "the range is empty: LOW must be < HIGH"
     if _is_integer(dtype):
         if not all(isinstance(v, Integral) for v in numbers):
-            return f"{_dtype_name(dtype)} inputs need integer bounds"
+            return f"{dtype_name(dtype)} inputs need integer bounds"
         smallest, largest = _integer_limits(dtype)
         if low < smallest or high > largest:
-            return f"{_dtype_name(dtype)} draws must lie within {smallest}..{largest}"
+            return f"{dtype_name(dtype)} draws must lie within {smallest}..{largest}"
         return None
     lo, hi = _float_limits(float(low), float(high), dtype)
     if lo > hi:
-        return f"no {_dtype_name(dtype)} value lies in it; widen it"
+        return f"no {dtype_name(dtype)} value lies in it; widen it"
     return None
 
 
@@ -169,7 +170,7 @@ def _parse_bound(bound: str, dtype: torch.dtype, text: str) -> int | float:
     bound = bound.strip()
     if _is_integer(dtype):
         if not _INTEGER.fullmatch(bound):
-            raise InputSpecError(f"range bound {bound!r} in {text!r} is not an integer; {_dtype_name(dtype)} inputs "
+            raise InputSpecError(f"range bound {bound!r} in {text!r} is not an integer; {dtype_name(dtype)} inputs "
                                  "need integer bounds", RANGE_HINT)
         return int(bound)
     try:

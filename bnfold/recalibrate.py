@@ -41,6 +41,7 @@ from torch import nn
 from bnfold.audit import all_modules
 from bnfold.compare import compare
 from bnfold.errors import BnfoldError, DataError, ModelRunError
+from bnfold.inputs import dtype_name
 from bnfold.runtime import eval_mode, run_model
 
 Method = Literal["layerwise", "global"]
@@ -296,7 +297,7 @@ def _blame_data_shape(first: tuple[torch.Tensor, ...]) -> Iterator[None]:
     try:
         yield
     except ModelRunError as exc:
-        shapes = ", ".join(f"{tuple(t.shape)} ({_dtype_name(t.dtype)})" for t in first)
+        shapes = ", ".join(f"{tuple(t.shape)} ({dtype_name(t.dtype)})" for t in first)
         raise ModelRunError(exc.message, f"the calibration inputs have shape {shapes}; check that --data holds "
                                          "inputs of the shape and dtype the model takes, batch first "
                                          "(e.g. N, C, H, W)") from exc
@@ -340,13 +341,9 @@ def _set(name: str, module: nn.Module, moments: _Moments) -> None:
         module.running_var.copy_(new_var)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _non_finite(name: str, mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) -> BnfoldError:
     if bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all()):
-        reason = f"its input's variance, up to {var.max().item():.3g}, overflows {_dtype_name(dtype)}"
+        reason = f"its input's variance, up to {var.max().item():.3g}, overflows {dtype_name(dtype)}"
     else:  # the data was checked to be finite, so the model produced NaN/inf before this BN
         reason = "its input has NaN/inf values on the (finite) calibration data"
     return BnfoldError(f"BatchNorm {name!r}: the recalibrated statistics are not finite: {reason}",

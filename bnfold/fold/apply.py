@@ -31,6 +31,7 @@ from torch import fx, nn
 from bnfold.discover.fx import bn_output, constant_nodes
 from bnfold.discover.graph import Fold, Merge, Skip
 from bnfold.fold.math import BNParams, BranchTensors, fold_bn_after, fold_bn_before, identity_statistics, merge_branches
+from bnfold.inputs import dtype_name
 from bnfold.layers import BNRef, LayerRef, bn_replacement, get_tensor
 
 
@@ -201,7 +202,7 @@ def _check_stored(host: TensorHost, layer: LayerRef, *tensors: torch.Tensor) -> 
     stored = host.dtype(layer.weight)
     if not all(torch.isfinite(t.to(stored)).all() for t in tensors):
         limit = torch.finfo(stored).max
-        raise CannotFold(f"folded weights of {layer.name} overflow {str(stored).removeprefix('torch.')} (max "
+        raise CannotFold(f"folded weights of {layer.name} overflow {dtype_name(stored)} (max "
                          f"{limit:.6g}): a tiny running_var magnifies them; keep this BN, or fold in float32")
 
 
