@@ -74,7 +74,8 @@ def node_labels(nodes: Sequence[onnx.NodeProto]) -> list[str]:
     return [f"{label}@{index}" if counts[label] > 1 else label for index, label in enumerate(labels)]
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+def attributes(node: onnx.NodeProto) -> dict[str, object]:
+    """A node's attributes as Python values, by name."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -232,7 +233,7 @@ def _float_param(index: GraphIndex, name: str, role: str) -> str | None:
 # -- ONNX graph -> pairing nodes -----------------------------------------------------------------------------
 def _bn_ref(node: onnx.NodeProto, label: str, index: GraphIndex) -> tuple[BNRef, str | None]:
     """The BN's reference, and why it cannot fold whatever its neighbours (None: the shared rules decide)."""
-    attrs = _attrs(node)
+    attrs = attributes(node)
     params = list(node.input[1:5])
     training = attrs.get("training_mode", 0) == 1 or sum(1 for o in node.output[1:] if o) > 0
     ref = BNRef(name=label, mean=params[2], var=params[3], weight=params[0], bias=params[1],
@@ -248,7 +249,7 @@ def _bn_ref(node: onnx.NodeProto, label: str, index: GraphIndex) -> tuple[BNRef,
 
 
 def _padded(node: onnx.NodeProto) -> bool:
-    attrs = _attrs(node)
+    attrs = attributes(node)
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     return auto_pad in _PADDING_AUTO or any(p != 0 for p in attrs.get("pads", ()))
@@ -286,7 +287,7 @@ class Translation:
 def _layer_ref(node: onnx.NodeProto, position: int, index: GraphIndex, ranks: dict[str, int],
                graph: onnx.GraphProto) -> tuple[LayerRef | None, str | None, int | None]:
     """(the layer, why it cannot fold, the index of a bias Add that carries the same layer)."""
-    op, label, attrs = node.op_type, index.labels[position], _attrs(node)
+    op, label, attrs = node.op_type, index.labels[position], attributes(node)
     inputs = list(node.input) + [""] * 3
     if op == "MatMul" and inputs[0] in index.constants and inputs[1] not in index.constants:
         return None, f"constant '{inputs[0]}' is its first operand: it is not a layer applied to the data", None
@@ -405,7 +406,7 @@ def translate(model: onnx.ModelProto) -> Translation:
             node.layer = layer
             if bias_node is not None:  # the bias Add carries the same layer: a BN after it folds into both
                 nodes[bias_node] = Node(key=bias_node, label=index.labels[bias_node], layer=layer)
-            if onnx_node.op_type == "Gemm" and _attrs(onnx_node).get("transA", 0) == 1:
+            if onnx_node.op_type == "Gemm" and attributes(onnx_node).get("transA", 0) == 1:
                 rows_as_input.add(label)
     for name, reads in index.readers.items():
         if name in index.producer:
@@ -467,7 +468,7 @@ def _mark_structure(node: Node, onnx_node: onnx.NodeProto, index: GraphIndex, ze
     node.op = {"Concat": "concat", "Sub": "sub", "Identity": "identity"}.get(op, "add")
     node.operands = operands
     if op == "Concat":
-        axis = int(_attrs(onnx_node).get("axis", 1))
+        axis = int(attributes(onnx_node).get("axis", 1))
         node.axis = axis + node.rank if axis < 0 and node.rank is not None else axis
 
 
@@ -542,7 +543,7 @@ def _layout(node: onnx.NodeProto, slot: int) -> _Layout:
     if node.op_type == "MatMul" and slot == 1:
         return _Layout(transpose=True)
     if node.op_type == "Gemm" and slot in (1, 2):
-        attrs = _attrs(node)
+        attrs = attributes(node)
         if slot == 1:
             return _Layout(transpose=attrs.get("transB", 0) == 0, scale=float(attrs.get("alpha", 1.0)), reset="alpha")
         return _Layout(scale=float(attrs.get("beta", 1.0)), reset="beta")

@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.findings import Finding
-from bnfold.onnx.graph import node_labels
+from bnfold.onnx.graph import attributes, node_labels
 
 
 def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
@@ -28,7 +28,7 @@ def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
     constant = _constant_names(model.graph, values)
     for name, node in zip(node_labels(model.graph.node), model.graph.node):
         if node.op_type == "BatchNormalization":
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            attrs = attributes(node)
             if node.input and node.input[0] in constant:
                 continue  # normalises a weight (weight standardisation), not a batch
             if attrs.get("training_mode", 0) == 1 or len(node.output) > 1:
