@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
-import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -29,14 +28,12 @@ def _worker(connection: Any, function: Callable[..., Report], kwargs: dict[str, 
     """Run one verification and send back ("report", Report), ("usage", message, hint) or ("bug", text).
 
     SIGTERM unwinds the verification (its onnxruntime child and temp folders are cleaned up on the way out)."""
-    from bnfold.cli import Terminated
+    from bnfold.cli import handle_signals
 
-    def terminate(signum: int, frame: Any) -> None:
-        raise Terminated(signum)
-
-    signal.signal(signal.SIGTERM, terminate)
     try:
-        connection.send(("report", function(**kwargs)))
+        with handle_signals():
+            report = function(**kwargs)
+        connection.send(("report", report))
     except BnfoldError as exc:
         connection.send(("usage", exc.message, exc.hint))
     except BaseException as exc:  # noqa: BLE001 - anything else is this model's failure, reported as such
