@@ -560,3 +560,14 @@ def test_a_weight_with_random_noise_is_not_evaluated():
     result = bnfold.fold_graph(model)
     assert not result.folded and op_count(result.model, BN) == 2
     assert not any("computed from constants alone" in note for note in result.notes)
+
+
+def test_a_computed_weight_past_the_size_bound_is_not_evaluated(monkeypatch):
+    """Attack: a constant chain that would build a huge tensor in memory before any runtime sees it. The size of
+    every intermediate is known from shape inference first; past the bound nothing is evaluated."""
+    from bnfold.onnx import constants
+
+    monkeypatch.setattr(constants, "MAX_ELEMENTS", 16)  # the std-conv's weight has 6*4*3*3 = 216 elements
+    result = bnfold.fold_graph(_std_conv_graph())
+    assert not result.folded and op_count(result.model, BN) == 2
+    assert not any("computed from constants alone" in note for note in result.notes)
