@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,6 +26,7 @@ from bnfold.inputs import SHAPE_HINT, make_inputs, parse_input_spec
 from bnfold.load import load
 from bnfold.report import fuse_document, render_fuse, write_json
 from bnfold.save import save_model
+from bnfold.signals import Terminated, handle_signals
 
 #: Exit codes (API, documented in the README). 130/143: interrupted by Ctrl-C / SIGTERM (128 + the signal).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -49,30 +49,6 @@ def _stdout_console() -> Console:
 
 def _status_console() -> Console:
     return Console(stderr=True, highlight=False, emoji=False)
-
-
-class Terminated(BaseException):
-    """SIGTERM (``timeout``, CI cancellation) as an exception, so that ``finally`` blocks remove temp files.
-
-    A BaseException, like KeyboardInterrupt, so that ``except Exception`` in library code cannot swallow it.
-    """
-
-
-@contextlib.contextmanager
-def handle_signals() -> Iterator[None]:
-    """While a command runs, SIGTERM raises :class:`Terminated` (SIGINT already raises KeyboardInterrupt)."""
-    def terminate(signum: int, frame: Any) -> None:
-        raise Terminated(signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread (an embedding application): leave its signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_through(run: Callable[[], int], debug: bool) -> NoReturn:

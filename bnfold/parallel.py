@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bnfold.errors import BnfoldError
-from bnfold.verify import Check, Report
+from bnfold.signals import handle_signals
+from bnfold.verify import Check, Report, verify
 
 #: Seconds an interrupted worker gets to clean up before it is killed.
 _GRACE_S = 10.0
@@ -28,8 +29,6 @@ def _worker(connection: Any, function: Callable[..., Report], kwargs: dict[str, 
     """Run one verification and send back ("report", Report), ("usage", message, hint) or ("bug", text).
 
     SIGTERM unwinds the verification (its onnxruntime child and temp folders are cleaned up on the way out)."""
-    from bnfold.cli import handle_signals
-
     try:
         with handle_signals():
             report = function(**kwargs)
@@ -48,8 +47,6 @@ def verify_many(jobs: list[dict[str, Any]], workers: int, function: Callable[...
 
     Returns the reports in the order of ``jobs``. ``on_done(i)`` is called as each job finishes (progress).
     """
-    from bnfold.verify import verify
-
     function = function or verify
     context = multiprocessing.get_context("spawn")
     results: dict[int, tuple[Any, ...]] = {}
