@@ -30,7 +30,7 @@ _PUBLIC = {
     "Comparison": "bnfold.compare", "OutputDiff": "bnfold.compare", "compare": "bnfold.compare",
     "Discovery": "bnfold.discover.graph", "Fold": "bnfold.discover.graph", "Skip": "bnfold.discover.graph",
     "BnfoldError": "bnfold.errors", "ExportResult": "bnfold.export", "export": "bnfold.export",
-    "CODES": "bnfold.findings", "Finding": "bnfold.findings", "FuseResult": "bnfold.fuse", "fuse": "bnfold.fuse",
+    "CODES": "bnfold.findings", "Finding": "bnfold.findings", "FuseResult": "bnfold.fold.result", "fuse": "bnfold.fuse",
     "plan": "bnfold.fuse", "InputSpec": "bnfold.inputs", "InspectReport": "bnfold.inspect",
     "inspect": "bnfold.inspect", "fold_graph": "bnfold.onnx.fold", "RecalibrationResult": "bnfold.recalibrate",
     "recalibrate": "bnfold.recalibrate", "Report": "bnfold.verify", "verify": "bnfold.verify",
@@ -72,7 +72,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from bnfold.errors import BnfoldError
     from bnfold.export import ExportResult, export
     from bnfold.findings import CODES, Finding
-    from bnfold.fuse import FuseResult, fuse, plan
+    from bnfold.fold.result import FuseResult
+    from bnfold.fuse import fuse, plan
     from bnfold.inputs import InputSpec
     from bnfold.inspect import InspectReport, inspect
     from bnfold.onnx.fold import fold_graph

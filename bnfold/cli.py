@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-import torch
 from onnx.defs import onnx_opset_version
 from rich.console import Console
 from rich.markup import escape
 
 from bnfold import __version__
-from bnfold.compare import check_tolerance
-from bnfold.errors import BnfoldError, InputSpecError, OutputError, first_line
+from bnfold.commands import export_file, fuse_file, inspect_file, recalibrate_file, verify_files
+from bnfold.errors import BnfoldError, first_line
 from bnfold.findings import code_range
-from bnfold.fuse import FuseResult, fuse
-from bnfold.inputs import SHAPE_HINT, make_inputs, parse_input_spec
-from bnfold.load import load
-from bnfold.report import fuse_document, render_fuse, write_json
-from bnfold.save import save_model
+from bnfold.fold.result import FuseResult
+from bnfold.options import ExportOptions, FuseOptions, InspectOptions, RecalibrateOptions, VerifyOptions, from_cli
+from bnfold.report import (export_document, fuse_document, github_annotations, inspect_document, junit_xml,
+                           render_export, render_fuse, render_inspect, render_recalibrate, render_verify,
+                           verify_document, write_json)
+from bnfold.save import write_atomic
 from bnfold.signals import Terminated, handle_signals
 
 #: Exit codes (API, documented in the README). 130/143: interrupted by Ctrl-C / SIGTERM (128 + the signal).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
-
-_OUTPUT_SUFFIX = {"torchscript": ".pt", "export": ".pt2", "pickle": ".pt", "state_dict": ".pt",
-                  "safetensors": ".safetensors", "onnx": ".onnx"}
 
 
 def exit_code(result: FuseResult) -> int:
@@ -84,46 +79,6 @@ def _fail(message: str, hint: str | None = None, code: int = EXIT_USAGE) -> NoRe
     sys.exit(code)
 
 
-# -- paths: no output may be an input or another output ----------------------------------------------------
-def _identity(path: Path) -> tuple[Any, ...]:
-    """What makes two paths the same file: the inode when it exists (hard links, symlinks), else the real path."""
-    try:
-        st = path.stat()
-        return ("inode", st.st_dev, st.st_ino)
-    except OSError:
-        return ("path", os.path.realpath(path))
-
-
-def check_paths(inputs: dict[str, Path | None], outputs: dict[str, Path | None]) -> None:
-    """Refuse an output that is an input, an existing folder, or the same file as another output.
-
-    Keys are how the user named each path (``MODEL``, ``--json``...), for the message.
-    """
-    seen: dict[tuple[Any, ...], str] = {}
-    for label, path in inputs.items():
-        if path is not None:
-            seen.setdefault(_identity(Path(path)), label)
-            seen.setdefault(("path", os.path.realpath(path)), label)
-    for label, path in outputs.items():
-        if path is None:
-            continue
-        path = Path(path)
-        if path.is_dir():
-            raise OutputError(f"{label} {path} is a folder", f"pass a file name for {label}")
-        for key in (_identity(path), ("path", os.path.realpath(path))):
-            if key in seen:
-                other = seen[key]
-                what = "the input" if other in inputs else "also the output of"
-                raise OutputError(f"{label} {path} is {what} {other}: bnfold never overwrites its inputs, and writes "
-                                  "each output to its own file", f"pass another path for {label}")
-        seen[_identity(path)] = seen[("path", os.path.realpath(path))] = label
-
-
-def _tolerances(atol: float | None, rtol: float | None) -> None:
-    check_tolerance("--atol", atol)
-    check_tolerance("--rtol", rtol)
-
-
 # -- options shared by the commands (declared once) ---------------------------------------------------------
 def _options(*decorators: Callable[[Callable[..., Any]], Callable[..., Any]]):
     def apply(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -171,21 +126,21 @@ def main() -> None:
     """
 
 
-def _load(model_path: Path, arch: str | None, arch_kwargs: str | None, trust: bool, status: Console) -> Any:
-    with status.status(f"loading {escape(str(model_path))}"):
-        return load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+class _Spinner:
+    """The library's progress (:data:`bnfold.options.Progress`) as a spinner on stderr; messages are plain text."""
 
+    def __init__(self, message: str) -> None:
+        self._status = _status_console().status(escape(message))
 
-def _input_specs(given: list, loaded: Any) -> list:
-    """``--input-shape`` when given, else what the file declares (a .pt2 program); one of them is needed."""
-    specs = given or loaded.input_specs or []
-    if not specs:
-        raise InputSpecError(f"{loaded.path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
-    return specs
+    def __enter__(self) -> _Spinner:
+        self._status.__enter__()
+        return self
 
+    def __exit__(self, *exc: Any) -> None:
+        self._status.__exit__(*exc)
 
-def _output_path(model_path: Path, fmt: str, output: Path | None) -> Path:
-    return output if output is not None else model_path.with_name(f"{model_path.stem}.fused{_OUTPUT_SUFFIX[fmt]}")
+    def update(self, message: str) -> None:
+        self._status.update(escape(message))
 
 
 @main.command("fuse")
@@ -208,10 +163,7 @@ def _output_path(model_path: Path, fmt: str, output: Path | None) -> Path:
               help="ONNX: stop an onnxruntime call after this long [default: 300].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @DEBUG
-def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
-                 arch_kwargs: str | None, trust: bool, keep_structure: bool, atol: float | None,
-                 rtol: float | None, seed: int, discovery: str, external_data: bool, timeout: float | None,
-                 json_path: Path | None, quiet: bool, debug: bool) -> None:
+def fuse_command(debug: bool, quiet: bool, **params: Any) -> None:
     """Fold BatchNorm into conv/linear layers and prove output parity.
 
     \b
@@ -234,49 +186,14 @@ def fuse_command(model_path: Path, output: Path | None, input_shapes: tuple[str,
           --input-shape 8,3,224,224 -o resnet18.fused.pt2
       bnfold fuse models/resnet_digits.safetensors --arch models.zoo:resnet_digits --input-shape 8,1,8,8
     """
-    _exit_through(lambda: _run_fuse(model_path, output, input_shapes, arch, arch_kwargs, trust,
-                                    keep_structure, atol, rtol, seed, discovery, external_data, timeout, json_path,
-                                    quiet), debug)
+    _exit_through(lambda: _run_fuse(from_cli(FuseOptions, params), quiet), debug)
 
 
-def _run_fuse(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
-              arch_kwargs: str | None, trust: bool, keep_structure: bool, atol: float | None,
-              rtol: float | None, seed: int, discovery: str, external_data: bool, timeout: float | None,
-              json_path: Path | None, quiet: bool) -> int:
-    console = _stdout_console()
-    status = _status_console()
-    started = time.perf_counter()
-    _tolerances(atol, rtol)
-    specs = [parse_input_spec(s) for s in input_shapes]
-    check_paths({"MODEL": model_path}, {"-o": output, "--json": json_path})
-    loaded = _load(model_path, arch, arch_kwargs, trust, status)
-    if loaded.format == "onnx":
-        return _run_fuse_onnx(loaded.model, model_path, output, specs, atol, rtol, seed, external_data, timeout,
-                              json_path, quiet, console, status, started)
-    if external_data or timeout is not None:
-        raise InputSpecError("--external-data and --timeout apply to ONNX files only",
-                             "bnfold export writes ONNX files")
-    specs = _input_specs(specs, loaded)
-    if keep_structure and loaded.format not in ("state_dict", "safetensors"):
-        raise InputSpecError("--keep-structure applies to state dicts and .safetensors files only",
-                             f"{model_path} is a {loaded.format} file; its output keeps its format anyway")
-    out_format = loaded.format if keep_structure or loaded.format not in ("state_dict", "safetensors") else "export"
-    out_path = _output_path(model_path, out_format, output)
-    check_paths({"MODEL": model_path}, {"-o": out_path, "--json": json_path})
-    with status.status("folding and comparing"):
-        result = fuse(loaded.model, specs, atol=atol, rtol=rtol, seed=seed, method=discovery,
-                      keep_structure=keep_structure)
-    result.notes[:0] = loaded.notes
-    written = None
-    if result.ok:
-        with status.status(f"writing {escape(str(out_path))}"):
-            save_model(result.model, out_format, out_path, make_inputs(specs, seed))
-        written = str(out_path)
-    result.timings["total"] = time.perf_counter() - started
-    _report_fuse(result, console, model_path, written, json_path, quiet,
-                 input={"path": str(model_path), "format": loaded.format, "shapes": [str(s) for s in specs]},
-                 output={"path": written, "format": out_format if written else None})
-    return exit_code(result)
+def _run_fuse(options: FuseOptions, quiet: bool) -> int:
+    run = fuse_file(options, _Spinner)
+    _report_fuse(run.result, _stdout_console(), options.model.model_path, run.written, options.json_path, quiet,
+                 input=run.input, output=run.output)
+    return exit_code(run.result)
 
 
 def _report_fuse(result: FuseResult, console: Console, model_path: Path, written: str | None,
@@ -290,33 +207,6 @@ def _report_fuse(result: FuseResult, console: Console, model_path: Path, written
         render_fuse(result, console, source=str(model_path), output=written)
     if json_path is not None:
         write_json(json_path, fuse_document(result, **document))
-
-
-def _run_fuse_onnx(model: Any, model_path: Path, output: Path | None, specs: list, atol, rtol, seed: int,
-                   external_data: bool, timeout: float | None, json_path: Path | None, quiet: bool, console: Console,
-                   status: Console, started: float) -> int:
-    from bnfold.onnx.fuse import fuse_onnx
-    from bnfold.onnx.io import external_data_files, save_onnx
-
-    out_path = _output_path(model_path, "onnx", output)
-    data_path = out_path.with_name(out_path.name + ".data")
-    data_files = external_data_files(model_path)
-    inputs = {"MODEL": model_path, **{f"MODEL's data file {p.name}": p for p in data_files}}
-    check_paths(inputs, {"-o": out_path, "external data": data_path, "--json": json_path})
-    with status.status("folding and comparing in onnxruntime"):
-        result = fuse_onnx(model, model_path, specs or None, atol=atol, rtol=rtol, seed=seed, timeout=timeout,
-                           consume=True)
-    written = None
-    if result.ok:
-        with status.status(f"writing {escape(str(out_path))}"):
-            # external data when asked, or when the input had it (past 2 GB save_onnx decides by itself)
-            files = save_onnx(result.model, out_path, external_data=external_data or bool(data_files))
-        written = ", ".join(map(str, files))
-    result.timings["total"] = time.perf_counter() - started
-    _report_fuse(result, console, model_path, written, json_path, quiet,
-                 input={"path": str(model_path), "format": "onnx"},
-                 output={"path": str(out_path) if written else None, "format": "onnx" if written else None})
-    return exit_code(result)
 
 
 VERIFY_HELP = f"""Catch train/inference-mode bugs and prove ONNX parity: one CI gate.
@@ -369,83 +259,23 @@ VERIFY_HELP = f"""Catch train/inference-mode bugs and prove ONNX parity: one CI 
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Verify the config's models in this many worker processes (report order unchanged).")
 @DEBUG
-def verify_command(model_path: Path | None, input_shapes: tuple[str, ...], arch: str | None, arch_kwargs: str | None,
-                   trust: bool, onnx_path: Path | None, exporter: str, skip_checks: tuple[str, ...],
-                   disable: str | None, atol: float | None, rtol: float | None, seed: int, timeout: float | None,
-                   data_spec: str | None, config_path: Path | None, json_path: Path | None, junit_path: Path | None,
-                   output_format: str, timings: bool, jobs: int, debug: bool) -> None:
-    _exit_through(lambda: _run_verify(model_path, input_shapes, arch, arch_kwargs, trust, onnx_path,
-                                      exporter, skip_checks, disable, atol, rtol, seed, timeout, data_spec,
-                                      config_path, json_path, junit_path, output_format, timings, jobs), debug)
+def verify_command(debug: bool, output_format: str, timings: bool, **params: Any) -> None:
+    _exit_through(lambda: _run_verify(from_cli(VerifyOptions, params), output_format, timings), debug)
 
 
-def _run_verify(model_path, input_shapes, arch, arch_kwargs, trust, onnx_path, exporter, skip_checks,
-                disable, atol, rtol, seed, timeout, data_spec, config_path, json_path, junit_path, output_format,
-                timings, jobs) -> int:
-    from bnfold.config import ModelConfig, find_pyproject, load_config
-    from bnfold.report import github_annotations, junit_xml, render_verify, verify_document
-    from bnfold.verify import CHECKS, verify
-
-    _tolerances(atol, rtol)
-    disabled = tuple(c.strip().upper() for c in (disable or "").split(",") if c.strip())
-    pyproject = None
-    if model_path is not None:
-        configs = [ModelConfig(path=model_path, name=str(model_path), arch=arch, arch_kwargs=arch_kwargs,
-                               input_specs=[parse_input_spec(s) for s in input_shapes], onnx=onnx_path,
-                               exporter=exporter, disable=disabled, atol=atol, rtol=rtol, trust=trust, seed=seed,
-                               data=data_spec, timeout=timeout)]
-    else:
-        pyproject = config_path or find_pyproject(Path.cwd())
-        configs = load_config(pyproject, trust=trust)
-    from bnfold.onnx.io import external_data_files
-
-    inputs: dict[str, Path | None] = {"--config": pyproject}
-    for cfg in configs:
-        inputs.update({f"model {cfg.name}": cfg.path, f"--onnx of {cfg.name}": cfg.onnx})
-        for graph in (cfg.path, cfg.onnx):
-            if graph is not None:
-                inputs.update({f"data file {p.name} of {cfg.name}": p for p in external_data_files(graph)})
-        if cfg.data and Path(cfg.data).exists():
-            inputs[f"--data of {cfg.name}"] = Path(cfg.data)
-    check_paths(inputs, {"--json": json_path, "--junit": junit_path})
-    status = _status_console()
-    calls = [dict(model=cfg.path, example_inputs=cfg.input_specs or None, onnx=cfg.onnx, exporter=cfg.exporter,
-                  checks=tuple(c for c in cfg.checks if c in CHECKS and c not in skip_checks),
-                  disable=tuple(dict.fromkeys(cfg.disable + disabled)), atol=_first(atol, cfg.atol),
-                  rtol=_first(rtol, cfg.rtol), seed=cfg.seed, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, trust=trust,
-                  name=cfg.name, data=data_spec or cfg.data, timeout=_first(timeout, cfg.timeout), code_root=cfg.root)
-             for cfg in configs]
-    if jobs > 1 and len(calls) > 1:
-        from bnfold.parallel import verify_many
-
-        done: list[int] = []
-        with status.status(f"verifying {len(calls)} models in {min(jobs, len(calls))} processes") as spinner:
-            reports = verify_many(calls, jobs, on_done=lambda i: (done.append(i), spinner.update(
-                f"verified {len(done)}/{len(calls)} models (last: {escape(configs[i].name)})")))
-    else:
-        reports = []
-        for i, (cfg, call) in enumerate(zip(configs, calls), 1):
-            with status.status(f"[{i}/{len(configs)}] verifying {escape(cfg.name)}"):
-                reports.append(verify(**call))
-    console = _stdout_console()
-    render_verify(reports, console, timings=timings)
+def _run_verify(options: VerifyOptions, output_format: str, timings: bool) -> int:
+    reports = verify_files(options, _Spinner)
+    render_verify(reports, _stdout_console(), timings=timings)
     if output_format == "github":
         text = github_annotations(reports)
         if text:
             click.echo(text)
-    if json_path is not None:
-        write_json(json_path, verify_document(reports))
-    if junit_path is not None:
-        from bnfold.save import write_atomic
-
+    if options.json_path is not None:
+        write_json(options.json_path, verify_document(reports))
+    if options.junit_path is not None:
         xml = junit_xml(reports)
-        write_atomic(junit_path, lambda p: Path(p).write_text(xml, encoding="utf-8"))
+        write_atomic(options.junit_path, lambda p: Path(p).write_text(xml, encoding="utf-8"))
     return EXIT_OK if reports and all(r.ok for r in reports) else EXIT_FAILED
-
-
-def _first(*values: Any) -> Any:
-    """The command line's value when given, else the config's."""
-    return next((v for v in values if v is not None), None)
 
 
 @main.command("export")
@@ -473,11 +303,7 @@ def _first(*values: Any) -> Any:
 @JSON
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @DEBUG
-def export_command(model_path: Path, output: Path | None, input_shapes: tuple[str, ...], arch: str | None,
-                   arch_kwargs: str | None, trust: bool, exporter: str, opset: int | None, static_batch: bool,
-                   fp16: bool, keep_io_types: bool, external_data: bool, no_fold: bool, force: bool,
-                   atol: float | None, rtol: float | None, seed: int, timeout: float | None, json_path: Path | None,
-                   quiet: bool, debug: bool) -> None:
+def export_command(debug: bool, quiet: bool, **params: Any) -> None:
     """Export to a folded ONNX file, proven against the PyTorch eval model.
 
     \b
@@ -492,37 +318,15 @@ def export_command(model_path: Path, output: Path | None, input_shapes: tuple[st
       bnfold export model.pt2 -o model.onnx --fp16 --keep-io-types
       bnfold export scripted.pt --input-shape 1,3,224,224 --exporter torchscript --opset 17
     """
-    _exit_through(lambda: _run_export(model_path, output, input_shapes, arch, arch_kwargs, trust, exporter, opset,
-                                      static_batch, fp16, keep_io_types, external_data, no_fold, force, atol, rtol,
-                                      seed, timeout, json_path, quiet), debug)
+    _exit_through(lambda: _run_export(from_cli(ExportOptions, params), quiet), debug)
 
 
-def _run_export(model_path, output, input_shapes, arch, arch_kwargs, trust, exporter, opset, static_batch, fp16,
-                keep_io_types, external_data, no_fold, force, atol, rtol, seed, timeout, json_path, quiet) -> int:
-    from bnfold.export import export
-    from bnfold.report import export_document, render_export
-
-    _tolerances(atol, rtol)
-    specs = [parse_input_spec(s) for s in input_shapes]
-    out_path = output or model_path.with_suffix(".onnx")
-    data_path = out_path.with_name(out_path.name + ".data")
-    check_paths({"MODEL": model_path}, {"-o": out_path, "external data": data_path, "--json": json_path})
-    status = _status_console()
-    loaded = _load(model_path, arch, arch_kwargs, trust, status)
-    if loaded.format == "onnx":
-        raise InputSpecError(f"{model_path} is already an ONNX graph: there is nothing to export",
-                             f"bnfold fuse {model_path} folds it and proves the result in onnxruntime")
-    specs = _input_specs(specs, loaded)
-    with status.status("auditing, folding, exporting and comparing"):
-        result = export(loaded.model, specs, out_path, exporter=exporter, opset=opset, static_batch=static_batch,
-                        fp16=fp16, keep_io_types=keep_io_types, external_data=external_data, fold=not no_fold,
-                        force=force, atol=atol, rtol=rtol, seed=seed, timeout=timeout)
-    result.notes[:0] = loaded.notes
-    render_export(result, _stdout_console(), source=str(model_path), quiet=quiet)
-    if json_path is not None:
-        write_json(json_path, export_document(result, input={"path": str(model_path), "format": loaded.format,
-                                                             "shapes": [str(s) for s in specs]}))
-    return EXIT_OK if result.ok else EXIT_FAILED
+def _run_export(options: ExportOptions, quiet: bool) -> int:
+    run = export_file(options, _Spinner)
+    render_export(run.result, _stdout_console(), source=str(options.model.model_path), quiet=quiet)
+    if options.json_path is not None:
+        write_json(options.json_path, export_document(run.result, input=run.input))
+    return EXIT_OK if run.result.ok else EXIT_FAILED
 
 
 @main.command("inspect")
@@ -535,9 +339,7 @@ def _run_export(model_path, output, input_shapes, arch, arch_kwargs, trust, expo
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), metavar="PATH.png",
               help='Also draw the figures as one PNG (needs matplotlib: pip install "bnfold[plot]").')
 @DEBUG
-def inspect_command(model_path: Path, input_shapes: tuple[str, ...], arch: str | None, arch_kwargs: str | None,
-                    trust: bool, data_spec: str | None, json_path: Path | None, plot_path: Path | None,
-                    debug: bool) -> None:
+def inspect_command(debug: bool, **params: Any) -> None:
     """Show every BatchNorm: its fold plan, statistics and risks (no verdict: that is verify).
 
     \b
@@ -554,39 +356,14 @@ def inspect_command(model_path: Path, input_shapes: tuple[str, ...], arch: str |
       bnfold inspect model.onnx --json bn.json                # statistics from the initializers
       bnfold inspect ckpt.pt --arch mypkg.nets:resnet18 --input-shape 8,3,224,224 --data calib.npz
     """
-    _exit_through(lambda: _run_inspect(model_path, input_shapes, arch, arch_kwargs, trust, data_spec, json_path,
-                                       plot_path), debug)
+    _exit_through(lambda: _run_inspect(from_cli(InspectOptions, params)), debug)
 
 
-def _run_inspect(model_path: Path, input_shapes: tuple[str, ...], arch: str | None, arch_kwargs: str | None,
-                 trust: bool, data_spec: str | None, json_path: Path | None, plot_path: Path | None) -> int:
-    from bnfold.inspect import inspect
-    from bnfold.report import inspect_document, render_inspect
-
-    specs = [parse_input_spec(s) for s in input_shapes]
-    data_path = Path(data_spec) if data_spec and Path(data_spec).exists() else None
-    check_paths({"MODEL": model_path, "--data": data_path}, {"--json": json_path, "--plot": plot_path})
-    if plot_path is not None:
-        from bnfold.plot import require_matplotlib
-
-        if plot_path.suffix.lower() != ".png":
-            raise OutputError(f"--plot {plot_path}: bnfold draws PNG files", f"name it {plot_path.stem}.png")
-        require_matplotlib()  # before the work, not after it
-    status = _status_console()
-    loaded = _load(model_path, arch, arch_kwargs, trust, status)
-    specs = specs if loaded.format == "onnx" else _input_specs(specs, loaded)  # a graph declares its inputs
-    with status.status("inspecting" + (" and measuring drift" if data_spec else "")):
-        report = inspect(loaded.model, specs or None, data=data_spec)
-    report.notes[:0] = loaded.notes
-    render_inspect(report, _stdout_console(), source=str(model_path))
-    if json_path is not None:
-        write_json(json_path, inspect_document(report, input={"path": str(model_path), "format": loaded.format,
-                                                              "shapes": [str(s) for s in specs]}))
-    if plot_path is not None:
-        from bnfold.plot import plot_inspect
-
-        with status.status(f"drawing {escape(str(plot_path))}"):
-            plot_inspect(report, plot_path, title=f"BatchNorm inspection: {model_path.name} ({loaded.format})")
+def _run_inspect(options: InspectOptions) -> int:
+    run = inspect_file(options, _Spinner)
+    render_inspect(run.result, _stdout_console(), source=str(options.model.model_path))
+    if options.json_path is not None:
+        write_json(options.json_path, inspect_document(run.result, input=run.input))
     return EXIT_OK
 
 
@@ -608,9 +385,7 @@ def _run_inspect(model_path: Path, input_shapes: tuple[str, ...], arch: str | No
 @TRUST
 @JSON
 @DEBUG
-def recalibrate_command(model_path: Path, data_spec: str, output: Path | None, samples: int | None, batch_size: int,
-                        method: str, arch: str | None, arch_kwargs: str | None, trust: bool,
-                        json_path: Path | None, debug: bool) -> None:
+def recalibrate_command(debug: bool, **params: Any) -> None:
     """Re-estimate BN running statistics as population statistics of the data ("precise BN").
 
     \b
@@ -624,71 +399,14 @@ def recalibrate_command(model_path: Path, data_spec: str, output: Path | None, s
       bnfold recalibrate model.pt --trust --data calib.npz -o model.recal.pt --samples 4096   # a whole pickle
       torchrun --nproc-per-node 2 -m bnfold.cli recalibrate ckpt.pt --arch ... --data calib.npz -o out.pt
     """
-    _exit_through(lambda: _run_recalibrate(model_path, data_spec, output, samples, batch_size, method, arch,
-                                           arch_kwargs, trust, json_path), debug)
+    _exit_through(lambda: _run_recalibrate(from_cli(RecalibrateOptions, params)), debug)
 
 
-def _run_recalibrate(model_path, data_spec, output, samples, batch_size, method, arch, arch_kwargs, trust,
-                     json_path) -> int:
-    from rich.table import Table
-
-    from bnfold.data import load_data
-    from bnfold.recalibrate import recalibrate
-
-    out_path = output or model_path.with_name(f"{model_path.stem}.recal{model_path.suffix}")
-    data_path = Path(data_spec) if Path(data_spec).exists() else None
-    check_paths({"MODEL": model_path, "--data": data_path}, {"-o": out_path, "--json": json_path})
-    distributed = _init_distributed()
-    loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
-    if loaded.format not in ("pickle", "state_dict", "safetensors"):
-        raise InputSpecError(f"{model_path} is a {loaded.format} file: recalibration needs an eager model",
-                             "pass a state dict with --arch, or a pickled module")
-    dtype = next((p.dtype for p in loaded.model.parameters()), torch.float32)
-    try:
-        with _status_console().status("recalibrating"):
-            result = recalibrate(loaded.model, load_data(data_spec, batch_size, dtype), samples=samples,
-                                 method=method)
-    finally:
-        if distributed:
-            import torch.distributed as dist
-
-            rank_zero = _is_rank_zero()
-            dist.destroy_process_group()
-    if distributed and not rank_zero:
-        return EXIT_OK
-    save_model(result.model, loaded.format, out_path)
-    console = _stdout_console()
-    table = Table("BatchNorm", "values/channel", "max mean shift (std)", "max var ratio",
-                  title=f"Recalibrated on {result.samples} inputs ({result.method})", title_justify="left")
-    for layer in sorted(result.layers, key=lambda d: d.score, reverse=True):
-        table.add_row(escape(layer.name), str(layer.samples), f"{layer.mean_shift:.3g}", f"{layer.var_ratio:.3g}")
-    console.print(table)
-    for name, reason in result.skipped:
-        console.print(f"skipped {escape(name)}: {escape(reason)}", soft_wrap=True)
-    console.print(f"outputs moved by up to {result.output_change:.3g} (relative to their scale) | wrote "
-                  f"{escape(str(out_path))}", soft_wrap=True)
-    if json_path is not None:
-        write_json(json_path, {"schema_version": 1, "command": "recalibrate", "output": str(out_path),
-                               **result.to_dict()})
+def _run_recalibrate(options: RecalibrateOptions) -> int:
+    run = recalibrate_file(options, _Spinner)
+    if run is not None:  # None: a torchrun process other than rank 0
+        render_recalibrate(run.result, _stdout_console(), output=run.written)
     return EXIT_OK
-
-
-def _init_distributed() -> bool:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return True
-    return dist.is_initialized()
-
-
-def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,11 +34,14 @@ from bnfold.compare import DEFAULT_TOLERANCES, Comparison
 from bnfold.discover.graph import Fold, Skip
 from bnfold.errors import BnfoldError, InputSpecError, first_line
 from bnfold.findings import Finding
-from bnfold.fuse import FuseResult, fuse
-from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs
+from bnfold.fold.result import FuseResult
+from bnfold.fuse import fuse
+from bnfold.inputs import InputSpec, make_inputs
 from bnfold.kinds import Adapter, adapter_for
 from bnfold.onnx.check import check_onnx
 from bnfold.onnx.export import EXPORTERS, export_onnx
+from bnfold.onnx.fold import discover_graph, fold_graph
+from bnfold.onnx.io import load_onnx, save_onnx
 from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtWorker
 from bnfold.runtime import Reference, make_reference, run_model, split_examples
 
@@ -155,12 +158,8 @@ def export(
                              "knows)")
     given, specs = split_examples(example_inputs)
     adapter = adapter_for(model)
-    if adapter.kind == "onnx":
-        raise InputSpecError("the model is already an ONNX graph: there is nothing to export",
-                             "bnfold fuse model.onnx folds it and proves the result in onnxruntime")
-    specs = specs or adapter.input_specs() or []
-    if not specs:
-        raise InputSpecError("no example inputs: bnfold export needs the input shape", SHAPE_HINT)
+    adapter.require("export")
+    specs = adapter.specs(specs, "no example inputs: bnfold export needs the input shape")
     output = Path(output)
     result = ExportResult(output=None, exporter=exporter)
     stage = _Stages(result)
@@ -222,9 +221,6 @@ def _export_inputs(reference: Reference, specs: list[InputSpec], seed: int, dyna
 def _export_and_prove(subject: Adapter, reference: Reference, output: Path, result: ExportResult, stage: _Stages,
                       *, exporter: str, opset: int | None, static_batch: bool, fp16: bool, keep_io_types: bool,
                       external_data: bool, fold: bool, atol, rtol, seed: int, timeout: float | None) -> None:
-    from bnfold.onnx.fold import discover_graph, fold_graph
-    from bnfold.onnx.io import load_onnx, save_onnx
-
     model, exporter = _exportable(subject, fp16, keep_io_types, exporter, result.notes)
     result.exporter = exporter
     dynamic = not static_batch and not subject.fixed_batch

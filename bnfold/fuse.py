@@ -1,61 +1,21 @@
-"""``bnfold.fuse``: discover, fold, and prove parity with the unfolded eval model.
+"""``bnfold.fuse``: fold every BatchNorm that can be folded, and prove parity with the unfolded model.
 
-Data flows one way: discover (which BN folds into what, or why not) -> apply (in float64, on a copy) ->
-compare (folded vs unfolded eval model, batch 1 and the given batch) -> :class:`FuseResult`.
-The caller's model is never modified.
+The model's kind (:mod:`bnfold.kinds`) decides how: the torch kinds fold a copy and compare it with the eval
+model in PyTorch (:mod:`bnfold.fold.prove`); an ONNX graph is folded and proven in onnxruntime
+(:mod:`bnfold.onnx.fuse`). The caller's model is never modified.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from bnfold.compare import Comparison
-from bnfold.discover.graph import Discovery, Fold, Skip
-from bnfold.errors import InputSpecError
-from bnfold.fold.apply import ModuleHost, apply_plan
-from bnfold.inputs import SHAPE_HINT, InputSpec, make_inputs
-from bnfold.kinds import Adapter, adapter_for
-from bnfold.runtime import Case, Reference, check_parity, make_reference, parity_inputs, reference_cases, split_examples
-
-
-@dataclass
-class FuseResult:
-    """What ``fuse`` did. Truthy when the folded model matches the unfolded eval model."""
-
-    model: Any  # the folded model, same kind as the input (nn.Module, ExportedProgram, ScriptModule)
-    folded: list[Fold]
-    skipped: list[Skip]
-    parity: list[Comparison]
-    discovery: str
-    notes: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    was_training: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.parity) and all(c.ok for c in self.parity)
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "discovery": self.discovery,
-            "was_training": self.was_training,
-            "folded": [f.to_dict() for f in self.folded],
-            "skipped": [{"bn": s.bn, "reason": s.reason} for s in self.skipped],
-            "parity": [c.to_dict() for c in self.parity],
-            "notes": list(self.notes),
-            "timings": dict(self.timings),
-        }
+from bnfold.discover.graph import Discovery
+from bnfold.fold.result import FuseResult
+from bnfold.inputs import InputSpec
+from bnfold.kinds import adapter_for
+from bnfold.runtime import Reference, split_examples
 
 
 def fuse(
@@ -75,6 +35,7 @@ def fuse(
     (folded by :func:`bnfold.onnx.fuse.fuse_onnx` and proven in onnxruntime). ``example_inputs``
     are tensors (compared as they are, batch 1 being their first sample; further draws for discovery are
     seeded, integers within the range of the given values) or :class:`~bnfold.inputs.InputSpec` objects.
+    A ``torch.export`` program and an ONNX graph declare their inputs: ``example_inputs`` may be omitted.
     ``method`` picks discovery for ``nn.Module`` models:
     ``"fx"``, ``"observed"`` or ``"auto"`` (fx, falling back to observing forward passes when tracing
     fails). ``keep_structure`` keeps every module and state-dict key (BNs neutralised instead of removed).
@@ -83,72 +44,7 @@ def fuse(
     """
     given, specs = split_examples(example_inputs)
     adapter = adapter_for(model, method=method, keep_structure=keep_structure)
-    if adapter.kind == "onnx":  # proven in onnxruntime, not in PyTorch; the graph declares its inputs
-        from bnfold.onnx.fuse import fuse_onnx
-
-        return fuse_onnx(adapter.model, None, specs or None, atol=atol, rtol=rtol, seed=seed)
-    if not specs:
-        raise InputSpecError("no example inputs were given", SHAPE_HINT)
-    was_training = adapter.was_training()
-    # The caller's model is the reference (no copy: peak memory stays near one extra model); evaluating()
-    # restores its train/eval flags afterwards and nothing writes to it.
-    with adapter.evaluating() as runnable:
-        if reference is None:
-            reference = make_reference(runnable, specs, seed, given, adapter.fixed_batch)
-        result = _fuse(adapter, runnable, reference, atol, rtol)
-    result.was_training = was_training
-    return result
-
-
-def _fuse(adapter: Adapter, runnable: Any, reference: Reference, atol, rtol) -> FuseResult:
-    timings: dict[str, float] = {}
-    specs, seed, cases = reference.specs, reference.seed, reference.cases
-
-    start = time.perf_counter()
-    found = adapter.discover(runnable, _draws(cases, specs, seed))
-    timings["discover"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    folded_model, applied, skipped = _apply(runnable, found, adapter.host)
-    timings["fold"] = time.perf_counter() - start
-    notes = list(found.notes) + found.merge_notes()
-
-    start = time.perf_counter()
-    parity = check_parity(cases, folded_model, atol, rtol)
-    if found.method != "fx":
-        # Only a static trace proves a fold for every input: check another draw too, and take back any fold
-        # that changes the outputs.
-        extra_inputs = [(f"{label}, seed {seed + 1}", x)
-                        for label, x in parity_inputs(specs, seed + 1, fixed_batch=adapter.fixed_batch)]
-        extra = reference_cases(runnable, extra_inputs)
-        if not all(parity) or not all(check_parity(extra, folded_model, atol, rtol)):
-            folded_model, applied, reverted = _revert_failing(runnable, applied, cases + extra, atol, rtol,
-                                                              adapter.host)
-            skipped += reverted
-            notes.append(f"{len(reverted)} fold(s) reverted after numerical checks")
-            parity = check_parity(cases, folded_model, atol, rtol)
-    timings["compare"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    result_model = adapter.finish(folded_model, cases[-1].inputs)
-    timings["finish"] = time.perf_counter() - start
-    return FuseResult(
-        model=result_model,
-        folded=applied,
-        skipped=skipped + found.skips,
-        parity=parity,
-        discovery=found.method,
-        notes=notes,
-        timings=timings,
-    )
-
-
-def _draws(cases: list[Case], specs: list[InputSpec], seed: int) -> list[tuple[torch.Tensor, ...]]:
-    """What discovery runs (observed discovery needs both sides of data-dependent branches): the comparison
-    inputs, three more seeded draws, and the last one negated."""
-    draws = [c.inputs for c in cases] + [make_inputs(specs, seed + k) for k in (1, 2, 3)]
-    draws.append(tuple(-t if t.is_floating_point() else t for t in draws[-1]))
-    return draws
+    return adapter.fuse(given, specs, atol=atol, rtol=rtol, seed=seed, reference=reference)
 
 
 def plan(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpec] | None = None, *, seed: int = 0,
@@ -159,55 +55,5 @@ def plan(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpec] 
     "foldable" means one thing. ``model`` is any kind bnfold reads (nn.Module, ScriptModule, ExportedProgram,
     onnx.ModelProto); an ONNX graph needs no example inputs.
     """
-    adapter = adapter_for(model, method=method)
-    if adapter.kind == "onnx":
-        return adapter.discover(None, [])
     given, specs = split_examples(example_inputs)
-    specs = specs or adapter.input_specs() or []
-    if not specs:
-        raise InputSpecError("no example inputs were given", SHAPE_HINT)
-    with adapter.evaluating() as runnable:
-        reference = make_reference(runnable, specs, seed, given, adapter.fixed_batch)
-        return adapter.discover(runnable, _draws(reference.cases, specs, seed))
-
-
-def _apply(reference: nn.Module, plan: Discovery | list[Fold], host_type: type[ModuleHost]):
-    """Apply ``plan`` to a copy of ``reference``; a fold whose tensors refuse becomes a skip.
-
-    Some folds rewrite the forward (a merge of branches; a bias for a functional conv that has none): when the
-    plan holds one, the host may rewrite graphs, and discovery traced ``reference``, the copy is of that
-    traced graph, and the folded model is a ``torch.fx.GraphModule``.
-    """
-    folds, merges = (plan.folds, plan.merges) if isinstance(plan, Discovery) else (plan, [])
-    graph = plan.graph if isinstance(plan, Discovery) and host_type.rewrites else None
-    rewrite = merges or any(f.merge is not None or any(layer.module is None and layer.bias is None
-                                                       for layer in f.layers) for f in folds)
-    model = copy.deepcopy(graph if graph is not None and rewrite else reference)
-    applied, skipped = apply_plan(host_type(model), folds, merges)
-    return model.eval(), applied, skipped
-
-
-def _revert_failing(reference: nn.Module, folds: list[Fold], cases: list[Case], atol, rtol,
-                    host_type: type[ModuleHost]):
-    """Keep the folds that, one at a time and then together, leave every output within tolerance."""
-    kept: list[Fold] = []
-    reverted: list[Skip] = []
-    for fold in folds:
-        # A layer given a bias through its module may not read it (a functional call passing None): then the BN
-        # can still keep the shift (z + shift), so that is tried before giving up.
-        attempts = [fold]
-        if fold.layer.module is not None and fold.layer.bias is None and not fold.parts:
-            attempts.append(dataclasses.replace(fold, layer=dataclasses.replace(fold.layer, module=None)))
-        for attempt in attempts:
-            candidate, _, _ = _apply(reference, [*kept, attempt], host_type)
-            results = check_parity(cases, candidate, atol, rtol)
-            if all(results):
-                kept.append(attempt)
-                break
-        else:
-            worst = min(results, key=bool).worst()
-            figure = f" ({worst.figure()})" if worst else ""
-            reverted.append(Skip(fold.bn.name, f"reverted: folding into {fold.layer.name} changed the outputs{figure}; "
-                                               "the layer's output is probably also used on another code path"))
-    model, applied, _ = _apply(reference, kept, host_type)
-    return model, applied, reverted
+    return adapter_for(model, method=method).plan(given, specs, seed)

@@ -6,7 +6,7 @@ Each figure has one source, so that nothing means two things:
   :func:`~bnfold.onnx.fold.discover_graph`), and the producer and consumers are those :func:`bnfold.discover.graph.pair`
   saw while pairing;
 * the statistics are read by the BN's tensor paths through the tensor host of the model's kind (the module,
-  TorchScript and ``.pt2`` hosts of :mod:`bnfold.fold.apply`; :class:`~bnfold.onnx.graph.OnnxHost` for the
+  TorchScript and ``.pt2`` hosts of :mod:`bnfold.kinds`; :class:`~bnfold.onnx.graph.OnnxHost` for the
   initializers of an ONNX graph), and reduced in float64 by :func:`figures`;
 * the drift against ``data`` is :func:`bnfold.recalibrate.recalibrate`'s (the computation behind BN013), for eager
   models only.
@@ -102,14 +102,15 @@ def figures(mean: torch.Tensor, var: torch.Tensor, eps: float, gamma: torch.Tens
     )
 
 
-def risk_flags(fig: Figures | None, tracked: int | None, batch_stats: bool, kind: str) -> list[str]:
-    """The :data:`FLAGS` that apply to one BN, in the registry's order."""
+def risk_flags(fig: Figures | None, tracked: int | None, batch_stats: bool, in_graph: bool) -> list[str]:
+    """The :data:`FLAGS` that apply to one BN, in the registry's order. ``in_graph``: an ONNX graph, where batch
+    statistics are the node's ``training_mode``."""
     found = {
         "magnification": fig is not None and fig.magnification_max > DEGENERATE_SCALE,
         "fp16_variance": fig is not None and fig.var_max > FP16_MAX,
         "never_learned": fig is not None and fig.untouched and not tracked,
-        "batch_statistics": batch_stats and kind != "onnx",
-        "training_mode": batch_stats and kind == "onnx",
+        "batch_statistics": batch_stats and not in_graph,
+        "training_mode": batch_stats and in_graph,
         "non_finite": fig is not None and not fig.finite,
     }
     return [code for code in FLAGS if found[code]]
@@ -228,7 +229,7 @@ def inspect(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpe
     """
     adapter = adapter_for(model)
     found = plan(adapter, example_inputs)
-    host = _host(adapter)
+    host = adapter.tensor_host()
     notes = list(found.notes)
     rows = [_row(ref, found.neighbours.get(ref.name), found, host, adapter) for ref in found.bns]
     known = {r.name for r in rows}
@@ -240,15 +241,6 @@ def inspect(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpe
     if data is not None:
         _add_drift(report, adapter, data, samples)
     return report
-
-
-def _host(adapter: Adapter) -> Any:
-    """The tensor host of the model's kind, reading by the paths in each BNRef."""
-    if adapter.kind == "onnx":
-        from bnfold.onnx.graph import OnnxHost
-
-        return OnnxHost(adapter.model)
-    return adapter.host(adapter.runnable)
 
 
 def _row(ref: BNRef, neighbours: tuple[str, list[str]] | None, found: Discovery, host: Any,
@@ -265,7 +257,8 @@ def _row(ref: BNRef, neighbours: tuple[str, list[str]] | None, found: Discovery,
             row.figures = _read_figures(ref, host)
         except (AttributeError, KeyError, CannotFold, RuntimeError) as exc:  # e.g. a parameter fed at run time
             row.note = f"statistics not read: {exc}"
-    row.flags = risk_flags(row.figures, row.num_batches_tracked, ref.batch_stats, adapter.kind)
+    row.flags = risk_flags(row.figures, row.num_batches_tracked, ref.batch_stats,
+                           adapter.runs_in_onnxruntime)
     return row
 
 
@@ -277,7 +270,7 @@ def _read_figures(ref: BNRef, host: Any) -> Figures | None:
 
 
 def _momentum(ref: BNRef, adapter: Adapter) -> float | None:
-    if adapter.kind != "module" or ref.module is None:
+    if not adapter.eager or ref.module is None:
         return None
     momentum = getattr(adapter.model.get_submodule(ref.module), "momentum", None)
     return float(momentum) if isinstance(momentum, (int, float)) else None
@@ -285,7 +278,7 @@ def _momentum(ref: BNRef, adapter: Adapter) -> float | None:
 
 def _tracked(mean_path: str, host: Any, adapter: Adapter) -> int | None:
     """``num_batches_tracked`` beside ``running_mean``, where the kind keeps it (not ONNX)."""
-    if adapter.kind == "onnx":
+    if adapter.runs_in_onnxruntime:
         return None
     owner = mean_path.rpartition(".")[0]
     try:
@@ -308,7 +301,7 @@ def _mark_merges(rows: list[BNRow]) -> None:
 def _unseen_modules(adapter: Adapter, names: set[str]) -> list[str]:
     """BN modules of an eager model that discovery did not see (never called, or called outside the registered
     modules): not in the plan, so not in the table."""
-    if adapter.kind != "module":
+    if not adapter.eager:
         return []
     unseen = [n for n, m in all_modules(adapter.model).items() if is_bn_module(m) and n not in names]
     if not unseen:
@@ -323,7 +316,7 @@ def _add_drift(report: InspectReport, adapter: Adapter, data: Any, samples: int 
     """Drift of each BN's running statistics from the data's population statistics (recalibrate's, as BN013)."""
     from bnfold.recalibrate import recalibrate
 
-    if adapter.kind != "module":
+    if not adapter.eager:
         report.notes.append("--data needs the eager model (a state dict with --arch, or a pickled module): drift was "
                             "not computed")
         return

@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import os
-import struct
 import sys
 import warnings
 import zipfile
@@ -27,6 +26,9 @@ from torch import nn
 from bnfold import trust as gate
 from bnfold.errors import ArchError, LoadError, UnsafePickleError, first_line
 from bnfold.inputs import InputSpec
+from bnfold.kinds import adapter_for
+from bnfold.onnx.io import load_onnx
+from bnfold.sniff import sniff
 
 Format = Literal["torchscript", "export", "state_dict", "safetensors", "pickle", "onnx"]
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
@@ -37,41 +39,16 @@ PICKLE_HINT = ("if you trust the file, pass --trust; better, save a state dict (
 
 @dataclass
 class Loaded:
-    model: Any  # nn.Module, torch.jit.ScriptModule or torch.export.ExportedProgram
+    model: Any  # nn.Module, torch.jit.ScriptModule, torch.export.ExportedProgram or onnx.ModelProto
     format: Format
     path: Path
-    input_specs: list[InputSpec] | None = None  # carried by the file (torch.export programs)
     arch: str | None = None
     notes: list[str] = field(default_factory=list)
 
-
-def sniff(path: Path) -> str:
-    """``"zip:torchscript"``, ``"zip:export"``, ``"zip:torch"``, ``"zip:damaged"``, ``"safetensors"``, ``"pickle"``
-    or ``"unknown"``."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError):
-            return "zip:damaged"
-        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
-            return "zip:torchscript"
-        if any(n.endswith("archive_format") or "/models/" in n and n.endswith(".json") for n in names):
-            return "zip:export"
-        if any(n.endswith("data.pkl") for n in names):
-            return "zip:torch"
-        return "unknown"
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len < 100_000_000 and head[8:9] == b"{":
-            return "safetensors"
-    if head[:1] == b"\x80":  # pickle protocol 2+ (the legacy torch.save format starts with one)
-        return "pickle"
-    if head[:1] == b"\x08":  # a protobuf whose first field is a varint: ModelProto's ir_version (parsed to be sure)
-        return "onnx"
-    return "unknown"
+    @property
+    def input_specs(self) -> list[InputSpec] | None:
+        """The inputs the file declares (a ``.pt2`` program, an ONNX graph), as the model's kind reads them."""
+        return adapter_for(self.model).input_specs()
 
 
 @contextlib.contextmanager
@@ -141,7 +118,7 @@ def _load_kind(path: Path, kind: str, arch: str | None, arch_kwargs: str | None,
         program = torch.export.load(str(path))
         if not trust:
             gate.check_operators(str(path), gate.program_operators(program), "graph")
-        return Loaded(program, "export", path, input_specs=program_input_specs(program))
+        return Loaded(program, "export", path)
     if kind == "safetensors":
         from safetensors.torch import load_file
 
@@ -150,9 +127,7 @@ def _load_kind(path: Path, kind: str, arch: str | None, arch_kwargs: str | None,
     if kind in ("zip:torch", "pickle"):
         return _load_torch_file(path, arch, arch_kwargs, trust, root)
     if kind == "onnx":
-        from bnfold.onnx.io import load_onnx  # external data only from the model's own folder
-
-        return Loaded(load_onnx(path), "onnx", path)
+        return Loaded(load_onnx(path), "onnx", path)  # external data only from the model's own folder
     raise LoadError(f"{path}: not a model file bnfold knows (first bytes {_head(path)!r})",
                     "expected a TorchScript archive, a torch.export .pt2 program, a torch.save checkpoint, a "
                     ".safetensors file or an ONNX model")
@@ -276,36 +251,6 @@ def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     if not all(k.startswith(prefix) for k in state):
         return None
     return {k[len(prefix):]: v for k, v in state.items()}
-
-
-def program_input_specs(program: torch.export.ExportedProgram) -> list[InputSpec]:
-    """The example input shapes an exported program was traced with (symbolic dims read as their hints)."""
-    user_inputs = set(program.graph_signature.user_inputs)
-    specs = []
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in user_inputs:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                specs.append(InputSpec(tuple(_dim(d) for d in val.shape), val.dtype))
-    return specs
-
-
-def has_static_batch(program: torch.export.ExportedProgram) -> bool:
-    """Whether the program's first input has a fixed batch size (it then runs at that size only)."""
-    user_inputs = set(program.graph_signature.user_inputs)
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in user_inputs:
-            val = node.meta.get("val")
-            return isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], int)
-    return True
-
-
-def _dim(d: Any) -> int:
-    try:
-        return int(d)
-    except (TypeError, ValueError, RuntimeError):  # a symbolic dim: use its hint
-        hint = getattr(getattr(d, "node", None), "hint", None)
-        return int(hint) if hint is not None else 2
 
 
 def _unsupported_global(exc: Exception) -> str:

@@ -23,6 +23,7 @@ from bnfold.audit import DEGENERATE_SCALE
 from bnfold.errors import BnfoldError
 from bnfold.inspect import FP16_MAX
 from bnfold.save import write_atomic
+from bnfold.verify import STALE_MEAN_SHIFT, STALE_VAR_RATIO
 
 PLOT_HINT = 'pip install "bnfold[plot]"'
 _FOLDED, _LEFT, _RISK = "#2e7d32", "#ef6c00", "#c62828"
@@ -101,8 +102,6 @@ def _ranges(ax: Any, x: list[int], ranges: list[tuple[float, float] | None], col
 
 
 def _drift(ax: Any, x: list[int], rows: list[Any]) -> None:
-    from bnfold.verify import STALE_MEAN_SHIFT, STALE_VAR_RATIO
-
     shifts = [r.drift.mean_shift if r.drift else 0.0 for r in rows]
     ratios = [math.log(r.drift.var_ratio) if r.drift else 0.0 for r in rows]
     ax.bar([xi - 0.2 for xi in x], shifts, width=0.4, color="#1565c0", label="max mean shift (std)")

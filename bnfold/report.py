@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bnfold.compare import Comparison, OutputDiff
-from bnfold.fuse import FuseResult
+from bnfold.fold.result import FuseResult
 from bnfold.save import write_atomic
 
 SCHEMA_VERSION = 1
@@ -300,3 +300,16 @@ def inspect_summary_line(summary: Any) -> str:
 
 def inspect_document(report: Any, **context: Any) -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "command": "inspect", **context, **report.to_dict()}
+
+
+def render_recalibrate(result: Any, console: Console, *, output: str | None) -> None:
+    """Per BN, how far the old statistics were from the new ones (worst first), the skips, how far outputs moved."""
+    table = Table("BatchNorm", "values/channel", "max mean shift (std)", "max var ratio",
+                  title=f"Recalibrated on {result.samples} inputs ({result.method})", title_justify="left")
+    for layer in sorted(result.layers, key=lambda d: d.score, reverse=True):
+        table.add_row(escape(layer.name), str(layer.samples), f"{layer.mean_shift:.3g}", f"{layer.var_ratio:.3g}")
+    console.print(table)
+    for name, reason in result.skipped:
+        console.print(f"skipped {escape(name)}: {escape(reason)}", soft_wrap=True)
+    console.print(f"outputs moved by up to {result.output_change:.3g} (relative to their scale) | wrote "
+                  f"{escape(str(output))}", soft_wrap=True)

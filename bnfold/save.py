@@ -183,3 +183,58 @@ def save_model(model: Any, fmt: str, path: Path, example_inputs: tuple[torch.Ten
     """
     write_bytes_atomic(path, serialize_model(model, fmt, example_inputs))
     return fmt
+
+
+# -- no output may be an input or another output ----------------------------------------------------------
+def _identity(path: Path) -> tuple[Any, ...]:
+    """What makes two paths the same file: the inode when it exists (hard links, symlinks), else the real path."""
+    try:
+        st = path.stat()
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
+def check_paths(inputs: dict[str, Path | None], outputs: dict[str, Path | None]) -> None:
+    """Refuse an output that is an input, an existing folder, or the same file as another output.
+
+    Keys are how the user named each path (``MODEL``, ``--json``...), for the message.
+    """
+    seen: dict[tuple[Any, ...], str] = {}
+    for label, path in inputs.items():
+        if path is not None:
+            seen.setdefault(_identity(Path(path)), label)
+            seen.setdefault(("path", os.path.realpath(path)), label)
+    for label, path in outputs.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise OutputError(f"{label} {path} is a folder", f"pass a file name for {label}")
+        for key in (_identity(path), ("path", os.path.realpath(path))):
+            if key in seen:
+                other = seen[key]
+                what = "the input" if other in inputs else "also the output of"
+                raise OutputError(f"{label} {path} is {what} {other}: bnfold never overwrites its inputs, and writes "
+                                  "each output to its own file", f"pass another path for {label}")
+        seen[_identity(path)] = seen[("path", os.path.realpath(path))] = label
+
+
+# -- what a command writes, and where by default ------------------------------------------------------------
+#: The suffix of each output format, for default output names.
+SUFFIXES = {"torchscript": ".pt", "export": ".pt2", "pickle": ".pt", "state_dict": ".pt", "safetensors": ".safetensors",
+            "onnx": ".onnx"}
+#: Input formats that hold weights only: their folded model is a ``.pt2`` program, or with ``keep_structure`` a
+#: state dict for the same architecture.
+WEIGHTS_ONLY = ("state_dict", "safetensors")
+
+
+def fused_format(input_format: str, keep_structure: bool) -> str:
+    """The format ``bnfold fuse`` writes: the input's, except a state dict becomes a ``.pt2`` program (unless
+    ``keep_structure``)."""
+    return input_format if keep_structure or input_format not in WEIGHTS_ONLY else "export"
+
+
+def derived_path(model_path: Path, tag: str, fmt: str) -> Path:
+    """``MODEL`` with ``.tag`` before the suffix of ``fmt`` (``model.fused.pt2``)."""
+    return model_path.with_name(f"{model_path.stem}.{tag}{SUFFIXES[fmt]}")

@@ -23,15 +23,22 @@ from torch import nn
 
 from bnfold import audit
 from bnfold.compare import Comparison
+from bnfold.data import load_data
 from bnfold.errors import BnfoldError, InputSpecError, LoadError, first_line
 from bnfold.findings import CHECK_GROUPS, CODES, CODES_OF_CHECK, Finding
 from bnfold.fuse import fuse
-from bnfold.inputs import SHAPE_HINT, InputSpec
+from bnfold.inputs import InputSpec, make_inputs
 from bnfold.kinds import Adapter, adapter_for
-from bnfold.load import Loaded, load
+from bnfold.load import Loaded, importable, load
 from bnfold.onnx.check import check_onnx
-from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtWorker, check_timeout
+from bnfold.onnx.culprit import find_divergence
+from bnfold.onnx.graph import graph_inputs
+from bnfold.onnx.io import load_onnx
+from bnfold.onnx.lint import lint
+from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtWorker, check_timeout, run_onnxruntime
+from bnfold.recalibrate import recalibrate
 from bnfold.runtime import Reference, make_reference, split_examples
+from bnfold.sniff import sniff
 
 CHECKS = CHECK_GROUPS
 
@@ -133,19 +140,15 @@ def verify(
         raise LoadError(f"--onnx {onnx}: no such file", "pass the path of an existing .onnx file, or omit --onnx to "
                         "export one")
     if onnx is not None:
-        from bnfold.onnx.io import load_onnx
-
         load_onnx(onnx)  # a file bnfold cannot read safely (not ONNX, data outside its folder) stops here
     loaded = (load(model, arch=arch, arch_kwargs=arch_kwargs, trust=trust, code_root=code_root)
               if isinstance(model, (str, os.PathLike)) else Loaded(model, "module", Path(report.model)))
     report.timings["load"] = time.perf_counter() - start
     report.notes += loaded.notes
     adapter = adapter_for(loaded.model)
-    if adapter.kind == "onnx":
-        raise InputSpecError("bnfold.verify takes an ONNX graph by its path (the graph-only checks read the file)",
-                             "pass the .onnx file's path, or the torch model with onnx=PATH to compare them")
+    adapter.require("verify")
     given, specs = split_examples(example_inputs)
-    specs = _specs(specs, loaded, adapter)
+    specs = adapter.specs(specs, f"{loaded.path} ({loaded.format}) does not say what input it takes")
     handed_in_training = adapter.was_training()
     if handed_in_training:
         report.findings.append(Finding("BN012", "", "handed over with model.training=True; verified after eval()"))
@@ -181,8 +184,6 @@ def _is_onnx(path: Path) -> bool:
     """An ONNX file by its suffix, or by its content when the suffix says nothing (a protobuf, not a zip/pickle)."""
     if path.suffix.lower() == ".onnx":
         return True
-    from bnfold.load import sniff
-
     return path.is_file() and sniff(path) == "onnx"
 
 
@@ -204,15 +205,6 @@ def _finish(report: Report) -> None:
         if not check.passed and silenced:
             check.passed = True
             check.detail += f" (disabled: {', '.join(silenced)})"
-
-
-def _specs(given: list[InputSpec], loaded: Loaded, adapter: Adapter) -> list[InputSpec]:
-    if given:
-        return given
-    declared = loaded.input_specs or adapter.input_specs()
-    if declared:
-        return declared
-    raise InputSpecError(f"{loaded.path} ({loaded.format}) does not say what input it takes", SHAPE_HINT)
 
 
 class _Stage:
@@ -252,16 +244,11 @@ STALE_VAR_RATIO = 2.0
 def _stale(model: Any, data: Any, samples: int | None, report: Report,
            code_root: str | os.PathLike[str] | None = None) -> None:
     """BN013: running statistics far from the population statistics of ``data`` (see bnfold.recalibrate)."""
-    from bnfold.data import load_data
-    from bnfold.recalibrate import recalibrate
-
     with _Stage(report, "statistics vs data") as stage:
         if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
             report.notes.append("--data needs an eager model: the stale-statistics check did not run")
             return
         if isinstance(data, str) and code_root is not None:
-            from bnfold.load import importable
-
             importable(Path(code_root))  # data = "module:function" from a config resolves against its folder
         batches = load_data(data) if isinstance(data, str) else data
         result = recalibrate(model, batches, samples=samples)
@@ -322,8 +309,6 @@ def _culprit(model: Any, result: Any, reference: Reference, atol, rtol) -> list[
     failing = next((c for c in result.parity if not c.ok), None)
     if failing is None or result.path is None or not isinstance(model, nn.Module):
         return []
-    from bnfold.onnx.culprit import find_divergence
-
     case = next(c for c in reference.cases if failing.label.endswith(c.label))
     try:
         divergence = find_divergence(result.path, model, case.inputs, atol=atol, rtol=rtol)
@@ -369,10 +354,6 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
     the same loader, input specs and pairing rules as ``bnfold fuse model.onnx``)."""
     import onnx as onnx_lib
 
-    from bnfold.inputs import make_inputs
-    from bnfold.onnx.lint import lint
-    from bnfold.onnx.runner import run_onnxruntime
-
     start = time.perf_counter()
     graph = load(path).model  # external data from the model's own folder only
     try:
@@ -383,8 +364,6 @@ def _verify_onnx_only(path: Path, example_inputs: Any, report: Report, seed: int
     findings = lint(graph, path.parent)
     report.checks.append(Check("onnx lint", True, f"{len(graph.graph.node)} nodes; {_lint_detail(findings)}",
                                time.perf_counter() - start))
-    from bnfold.onnx.graph import graph_inputs
-
     if not graph_inputs(graph.graph):
         raise InputSpecError(f"{path}: the graph takes no inputs: its outputs are constants, nothing to verify")
     specs = split_examples(example_inputs)[1] or adapter_for(graph).input_specs()

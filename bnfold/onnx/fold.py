@@ -2,7 +2,7 @@
 
 The rules are the shared ones (:func:`bnfold.discover.graph.pair`) on a translation of the graph
 (:func:`bnfold.onnx.graph.translate`); the math is :mod:`bnfold.fold.math` in float64, applied by
-:func:`bnfold.fold.apply.apply_fold` through :class:`bnfold.onnx.graph.OnnxHost`. Pure: no files, no onnxruntime.
+:func:`bnfold.fold.apply.apply_plan` through :class:`bnfold.onnx.graph.OnnxHost`. Pure: no files, no onnxruntime.
 """
 
 from __future__ import annotations
@@ -67,5 +67,4 @@ def fold_graph(model: onnx.ModelProto, *, copy: bool = True) -> OnnxFoldResult:
     host = OnnxHost(work)
     # Folds are reported as discovered: the names the user knows (a shared weight's copy is in the notes).
     folded, refused = apply_plan(host, found.folds, found.merges)
-    host.finish()
     return OnnxFoldResult(work, folded, refused + found.skips, found.notes + found.merge_notes() + host.notes)

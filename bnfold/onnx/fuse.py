@@ -20,9 +20,11 @@ from onnx import helper
 
 from bnfold.compare import compare
 from bnfold.errors import InputSpecError, LoadError, first_line
-from bnfold.fuse import FuseResult
+from bnfold.fold.result import FuseResult
 from bnfold.inputs import SHAPE_HINT, InputSpec
+from bnfold.onnx.fold import fold_graph
 from bnfold.onnx.graph import graph_inputs
+from bnfold.onnx.io import save_onnx
 from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtFailure, OrtWorker, run_onnxruntime
 from bnfold.runtime import parity_inputs
 
@@ -134,9 +136,6 @@ def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[Inpu
     unless ``consume`` (it is then folded in place: one model in memory, for a caller done with the original,
     which onnxruntime reads from ``path``).
     """
-    from bnfold.onnx.fold import fold_graph
-    from bnfold.onnx.io import save_onnx
-
     if not graph_inputs(model.graph):
         raise InputSpecError("the graph takes no inputs: its outputs are constants, so there is nothing to compare",
                              "fold the graph it was made from, or run onnxruntime's constant folding on it")
@@ -159,8 +158,6 @@ def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[Inpu
 def _prove(folded: Any, path: Path, names: list[str], cases: list[tuple[str, tuple]], tmp: Path, atol, rtol,
            timeout: float | None, timings: dict[str, float]) -> FuseResult:
     """Run the original (``path``) and the folded graph in onnxruntime, optimisations off, and compare."""
-    from bnfold.onnx.io import save_onnx
-
     with OrtWorker(timeout=timeout or DEFAULT_ORT_TIMEOUT_S) as worker:
         start = time.perf_counter()
         expected = run_as_written(path, cases, worker, tmp)

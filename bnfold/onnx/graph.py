@@ -560,8 +560,11 @@ class OnnxHost:
     """Tensors of one ONNX model by name, for :func:`bnfold.fold.apply.apply_fold`; edits the model in place.
 
     Call :meth:`claim` on each fold before applying it (it gives the layer tensors of its own when others read
-    them too) and :meth:`finish` once at the end (it writes the node list and drops what nothing uses).
+    them too) and :meth:`finish` once at the end (it writes the node list and drops what nothing uses);
+    :func:`bnfold.fold.apply.apply_plan` does both.
     """
+
+    rewrites = False  # edits this graph; never handed another one
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model

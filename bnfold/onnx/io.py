@@ -24,6 +24,7 @@ from onnx.external_data_helper import ExternalDataInfo
 from bnfold.errors import LoadError, first_line
 from bnfold.onnx.graph import check_supported
 from bnfold.save import atomic_path, output_error, write_bytes_atomic
+from bnfold.sniff import sniff
 
 #: Protobuf refuses to serialise or parse a message this large or larger.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -187,8 +188,6 @@ def external_data_files(path: Path | str) -> list[Path]:
 
     Empty for a file that is not an ONNX model (its own loader says why); such a file is not read past its
     first bytes."""
-    from bnfold.load import sniff
-
     path = Path(path)
     if not path.is_file() or sniff(path) != "onnx":
         return []
