@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 from xml.etree import ElementTree as ET
 
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
+import bnfold
 from bnfold.cli import main
-from models.zoo import randomize_bn_statistics
+from tests.cli_helpers import assert_usage_error, cli
+from tests.nets import X, _net, net
 
 SHAPE = ["--input-shape", "4,3,8,8"]
 
 
 def run(*args: str):
     return CliRunner().invoke(main, ["verify", *args])
-
-
-def _net(trained: bool) -> nn.Module:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 8 * 8, 3))
-    if trained:
-        randomize_bn_statistics(model, torch.Generator().manual_seed(0))
-    return model.eval()
 
 
 @pytest.fixture
@@ -79,6 +73,23 @@ def test_could_not_run_exits_2(tmp_path):
     assert run(str(tmp_path / "missing.pt"), "--disable", "BN999").exit_code == 2
 
 
+def test_onnx_only_junit_agrees_with_the_exit_code(tmp_path):
+    model = net()
+    path = tmp_path / "train.onnx"
+    torch.onnx.export(model, X, str(path), dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
+                      do_constant_folding=False, input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    junit = tmp_path / "r.xml"
+    result = cli("verify", str(path), "--junit", str(junit))
+    assert result.exit_code == 1, result.output
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert int(suite.get("failures")) >= 1
+    failed_cases = {c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None}
+    assert "onnx lint" in failed_cases
+    report = bnfold.verify(str(path))
+    names = {c.name for c in report.checks}
+    assert all(f.check_name in names for f in report.findings)
+
+
 def test_config_in_pyproject(tmp_path, programs, monkeypatch):
     good, stale = programs
     (tmp_path / "pyproject.toml").write_text(f"""
@@ -112,3 +123,70 @@ def test_repository_config_verifies_the_bundled_model(in_root):
     result = run("--skip", "onnx", "--trust")
     assert result.exit_code == 0, result.output
     assert "resnet_digits (bundled)" in result.output
+
+
+# -- config: typed, no code without --trust, resolved against its own folder ---------------------------------------
+def write_config(folder, body: str):
+    (folder / "pyproject.toml").write_text(body)
+    return folder / "pyproject.toml"
+
+
+@pytest.mark.parametrize("line, fragments", [
+    ('trust-pickle = "false"', ["trust-pickle", "--trust"]),
+    ("trust = true", ["not allowed in the config", "--trust"]),
+    ('disable = "BN011"', ["disable must be a list of strings", "'BN011'"]),
+    ('checks = ["audti"]', ["checks", "did you mean 'audit'"]),
+    ("chekcs = []", ["unknown key 'chekcs'", "did you mean 'checks'"]),
+    ("atol = nan", ["atol must be a finite number >= 0"]),
+    ("rtol = -1.0", ["rtol must be a finite number >= 0"]),
+    ('seed = "1"', ["seed must be an integer"]),
+    ("timeout = 0", ["timeout must be a number > 0"]),
+    ('exporter = "onnx"', ["exporter must be one of"]),
+    ('input-shapes = ["1,3,x"]', ["input-shapes"]),
+])
+def test_config_values_are_checked_by_type(tmp_path, program, monkeypatch, line, fragments):
+    shutil.copy(program, tmp_path / "m.pt2")
+    write_config(tmp_path, f'[[tool.bnfold.models]]\npath = "m.pt2"\n{line}\n')
+    monkeypatch.chdir(tmp_path)
+    assert_usage_error(cli("verify", "--skip", "onnx"), *fragments)
+
+
+def test_models_written_as_a_table(tmp_path, monkeypatch):
+    write_config(tmp_path, '[tool.bnfold.models]\npath = "m.pt2"\n')
+    monkeypatch.chdir(tmp_path)
+    assert_usage_error(cli("verify"), "single table", "[[tool.bnfold.models]]")
+
+
+def test_config_named_code_needs_trust_and_resolves_against_the_config_folder(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "nets").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (project / "nets" / "__init__.py").write_text("")
+    (project / "nets" / "tiny_hardening.py").write_text(
+        f"import pathlib, torch\npathlib.Path({str(marker)!r}).touch()\n"
+        "def build():\n"
+        "    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))\n"
+        "    m[1].running_var.fill_(2.0); m[1].running_mean.fill_(0.5); m[1].num_batches_tracked.fill_(3)\n"
+        "    return m\n")
+    state = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict()
+    state["1.running_var"].fill_(2.0)
+    state["1.num_batches_tracked"].fill_(3)
+    torch.save(state, project / "sd.pt")
+    write_config(project, '[[tool.bnfold.models]]\npath = "sd.pt"\narch = "nets.tiny_hardening:build"\n'
+                          'input-shapes = ["2,3,8,8"]\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # arch must resolve against the config's folder, not the current one
+    config = str(project / "pyproject.toml")
+    assert_usage_error(cli("verify", "--config", config, "--skip", "onnx"), "names code", "--trust")
+    assert not marker.exists()
+    result = cli("verify", "--config", config, "--skip", "onnx", "--trust")
+    assert result.exit_code == 0, result.output
+    assert marker.exists()
+
+
+def test_config_path_that_is_a_folder(tmp_path, monkeypatch):
+    (tmp_path / "dir.pt2").mkdir()
+    write_config(tmp_path, '[[tool.bnfold.models]]\npath = "dir.pt2"\n')
+    monkeypatch.chdir(tmp_path)
+    assert_usage_error(cli("verify"), "not a regular file")

@@ -1,4 +1,4 @@
-"""``bnfold export`` and ``bnfold fuse model.onnx`` end to end.
+"""``bnfold export`` and ``bnfold fuse model.onnx`` end to end, and the exporter's failures and usage errors.
 
 The written file is checked independently of bnfold: onnxruntime (optimisations off) runs it and its output is
 compared with the PyTorch eval model's, relative to the output's scale.
@@ -7,6 +7,7 @@ compared with the PyTorch eval model's, relative to the output's scale.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -14,19 +15,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import sha256
+from torch import nn
 
 import bnfold
-from bnfold.cli import main
+from bnfold.errors import BnfoldError, InputSpecError
 from bnfold.export import ExportError, export
+from bnfold.onnx.check import check_onnx
 from models import zoo
+from tests.cli_helpers import cli
 
 SHAPE = {name: ",".join(map(str, spec.input_shape)) for name, spec in zoo.REFERENCE_MODELS.items()}
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def ort_outputs(path, *inputs: torch.Tensor) -> list[np.ndarray]:
@@ -163,6 +162,79 @@ def test_exporter_failure_is_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: the dynamo exporter failed") and "--exporter torchscript" in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+# The exporter's printout never reaches the terminal.
+class Eigh(nn.Module):
+    """aten::linalg_eigh has no ONNX symbolic: the TorchScript exporter fails and dumps its IR graph from C++."""
+
+    def forward(self, x):
+        return torch.linalg.eigh(x @ x.transpose(-1, -2))[0]
+
+
+def test_failed_export_prints_nothing_and_reports_one_line(tmp_path, capfd, caplog):
+    caplog.set_level(logging.DEBUG, logger="bnfold.onnx.export")
+    x = (torch.randn(2, 3, 3),)
+    result = check_onnx(Eigh().eval(), {"batch 2": (x, Eigh()(*x))}, onnx_path=None, exporter="torchscript",
+                        atol=None, rtol=None, workdir=tmp_path)
+    print("still here")  # file descriptors 1 and 2 are restored
+    out, err = capfd.readouterr()
+    assert out == "still here\n" and err == ""
+    assert result.error.startswith("torchscript export failed: UnsupportedOperatorError: ")
+    assert "aten::linalg_eigh" in result.error and "\n" not in result.error
+    assert "Torch IR graph at exception" in caplog.text  # kept for --verbose / debugging, never printed
+
+
+def test_export_opset_beyond_what_onnx_knows_is_refused_or_honoured(tmp_path):
+    """Attack: ``bnfold export ... --opset 30`` (the installed onnx knows opsets up to 28). Expected: refused
+    (exit 2: which opsets the exporter supports), or a graph of opset 30. Today the dynamo exporter's
+    conversion fails silently (its warning is captured) and bnfold writes an opset-18 graph, PASSED, without a
+    word (bnfold/export.py / bnfold/onnx/export.py; the --opset option is only IntRange(min=9))."""
+    from bnfold.export import export
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)).eval()
+    model[1].running_var.fill_(1.5)
+    model[1].num_batches_tracked += 1
+    out = tmp_path / "m.onnx"
+    try:
+        result = export(model, (torch.randn(2, 2, 4, 4),), out, opset=30)
+    except BnfoldError:
+        assert not out.exists()
+        return
+    if result.ok:
+        versions = {o.domain or "ai.onnx": o.version for o in onnx.load(str(out)).opset_import}
+        assert versions["ai.onnx"] == 30, f"asked for opset 30, wrote {versions}: {result.notes}"
+    else:
+        assert not out.exists()
+
+
+def test_export_usage_errors(tmp_path):
+    """Attack: --opset 8 (below what bnfold supports) and --keep-io-types without --fp16. Expected: exit 2 /
+    InputSpecError before any work."""
+    result = cli("export", str(tmp_path / "missing.pt2"), "--opset", "8")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    from bnfold.export import export
+
+    with pytest.raises(InputSpecError, match="--keep-io-types"):
+        export(nn.Linear(2, 2), (torch.randn(2, 2),), tmp_path / "m.onnx", keep_io_types=True)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_export_of_a_model_whose_eval_output_is_nan_writes_nothing(tmp_path, force):
+    """Attack: a model whose eval output is NaN (a NaN conv weight). Expected: stopped (audit BN014, or with
+    --force the parity check: NaN never passes), nothing written."""
+    from bnfold.export import export
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)).eval()
+    model[1].running_var.fill_(1.5)
+    model[1].num_batches_tracked += 1
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    out = tmp_path / "nan.onnx"
+    result = export(model, (torch.randn(2, 2, 4, 4),), out, force=force, exporter="torchscript")
+    assert not result.ok and result.stopped
+    assert not out.exists() and not (tmp_path / "nan.onnx.data").exists()
 
 
 # -- bnfold fuse model.onnx ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Folding BatchNormalization in ONNX graphs: every pattern that folds, every one that must not, dtypes, opsets,
-external data, and reference models exported from PyTorch.
+odd graphs (colliding node labels, non-finite parameters, pass-through outputs) and reference models exported from
+PyTorch. (Reading and writing ONNX files, external data included: ``test_onnx_io.py``.)
 
 Each positive case is checked four ways: the number of folds, no BatchNormalization left, onnx.checker (full
 check), and onnxruntime parity with graph optimisations off against the original graph run the same way
@@ -7,8 +8,6 @@ check), and onnxruntime parity with graph optimisations off against the original
 """
 
 from __future__ import annotations
-
-import os
 
 import ml_dtypes
 import numpy as np
@@ -20,171 +19,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
-from bnfold.errors import LoadError
 from bnfold.fold.math import BNParams, fold_bn_after
 from bnfold.onnx.fold import discover_graph, fold_graph
-from bnfold.onnx.graph import MAX_OPSET
-from bnfold.onnx.io import has_external_data, load_onnx, save_onnx
+from bnfold.onnx.io import load_onnx
 from models import zoo
-from tests.onnx_graphs import as_float32, build, feeds, op_count, run
-
-# IR 3 lists every initializer as a graph input too (so none is a constant): opset 7 is tested with IR 4.
-IR_FOR_OPSET = {7: 4, 9: 4, 17: 8, 22: 10}
-ATOL, RTOL = 1e-5, 1e-4
-
-
-def header(opset: int = 17) -> str:
-    return f'<ir_version: {IR_FOR_OPSET.get(opset, 8)}, opset_import: ["" : {opset}]>\n'
-
+from tests.cli_helpers import cli
+from tests.onnx_graphs import (
+    CONV_BN,
+    FOLDS,
+    _check,
+    as_float32,
+    build,
+    feeds,
+    graph,
+    header,
+    op_count,
+    params,
+    run,
+    save,
+)
+from tests.onnx_graphs import run as ort_run
 
 BN = "BatchNormalization"
 
-# Every graph input but x is made an initializer by build() (names starting with v are variances).
-# name: (graph, number of folds)
-FOLDS = {
-    # Conv with bias, padded (padding is irrelevant when the BN comes after), epsilon given.
-    "conv_bias": ("""g (float[N,3,8,8] x, float[4,3,3,3] w, float[4] c, float[4] s, float[4] b, float[4] m,
-                       float[4] v) => (float[N,4,8,8] y) {
-        z = Conv <pads = [1,1,1,1]> (x, w, c)
-        y = BatchNormalization <epsilon = 0.001> (z, s, b, m, v)
-    }""", 1),
-    # Conv without bias: the fold adds input B.
-    "conv_no_bias": ("""g (float[N,3,8,8] x, float[5,3,1,1] w, float[5] s, float[5] b, float[5] m, float[5] v)
-                      => (float[N,5,8,8] y) {
-        z = Conv (x, w)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    # Depthwise (group = channels) with dilation 2; stride 2 with auto_pad SAME_UPPER.
-    "conv_depthwise_dilated": ("""g (float[N,4,9,9] x, float[4,1,3,3] w, float[4] s, float[4] b, float[4] m,
-                                float[4] v) => (float[N,4,9,9] y) {
-        z = Conv <group = 4, dilations = [2,2], pads = [2,2,2,2]> (x, w)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    "conv_same_upper_strided": ("""g (float[N,3,9,9] x, float[4,3,3,3] w, float[4] s, float[4] b, float[4] m,
-                                 float[4] v) => (float[N,4,5,5] y) {
-        z = Conv <strides = [2,2], auto_pad = "SAME_UPPER"> (x, w)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    # Two groups, 1-D.
-    "conv1d_grouped": ("""g (float[N,4,16] x, float[6,2,3] w, float[6] c, float[6] s, float[6] b, float[6] m,
-                        float[6] v) => (float[N,6,14] y) {
-        z = Conv <group = 2> (x, w, c)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    # ConvTranspose: weight (in, out/groups, k, k), two groups, stride 2, output_padding.
-    "conv_transpose_grouped": ("""g (float[N,4,5,5] x, float[4,3,3,3] w, float[6] c, float[6] s, float[6] b,
-                                float[6] m, float[6] v) => (float[N,6,10,10] y) {
-        z = ConvTranspose <group = 2, strides = [2,2], pads = [1,1,1,1], output_padding = [1,1]> (x, w, c)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    "conv_transpose_no_bias": ("""g (float[N,4,5,5] x, float[4,5,2,2] w, float[5] s, float[5] b, float[5] m,
-                                float[5] v) => (float[N,5,10,10] y) {
-        z = ConvTranspose <strides = [2,2]> (x, w)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    # Gemm: B (N, K) with transB=1 and C; B (K, N) with transB=0 and no C; alpha and beta folded in.
-    "gemm_transb1_bias": ("""g (float[N,6] x, float[5,6] w, float[5] c, float[5] s, float[5] b, float[5] m,
-                           float[5] v) => (float[N,5] y) {
-        z = Gemm <transB = 1> (x, w, c)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    "gemm_transb0_no_bias": ("""g (float[N,6] x, float[6,5] w, float[5] s, float[5] b, float[5] m, float[5] v)
-                              => (float[N,5] y) {
-        z = Gemm (x, w)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    "gemm_alpha_beta": ("""g (float[N,6] x, float[6,5] w, float[1,5] c, float[5] s, float[5] b, float[5] m,
-                         float[5] v) => (float[N,5] y) {
-        z = Gemm <alpha = 0.5, beta = 2.5> (x, w, c)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    "gemm_alpha_no_bias": ("""g (float[N,6] x, float[5,6] w, float[5] s, float[5] b, float[5] m, float[5] v)
-                            => (float[N,5] y) {
-        z = Gemm <alpha = 1.5, beta = 3.0, transB = 1> (x, w)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    # MatMul with a constant 2-D weight (K, N): alone (an Add is added), and followed by its bias Add.
-    "matmul": ("""g (float[N,6] x, float[6,5] w, float[5] s, float[5] b, float[5] m, float[5] v) => (float[N,5] y) {
-        z = MatMul (x, w)
-        y = BatchNormalization (z, s, b, m, v)
-    }""", 1),
-    "matmul_add": ("""g (float[N,6] x, float[6,5] w, float[5] c, float[5] s, float[5] b, float[5] m, float[5] v)
-                    => (float[N,5] y) {
-        z = MatMul (x, w)
-        zb = Add (c, z)
-        y = BatchNormalization (zb, s, b, m, v)
-    }""", 1),
-    # BN before a layer: Gemm (transB 1 with C, transB 0 without), MatMul (with and without its Add), unpadded Conv.
-    "bn_gemm": ("""g (float[N,6] x, float[6] s, float[6] b, float[6] m, float[6] v, float[5,6] w, float[5] c)
-                 => (float[N,5] y) {
-        z = BatchNormalization (x, s, b, m, v)
-        y = Gemm <transB = 1, alpha = 0.75> (z, w, c)
-    }""", 1),
-    "bn_gemm_transb0_no_bias": ("""g (float[N,6] x, float[6] s, float[6] b, float[6] m, float[6] v, float[6,5] w)
-                                 => (float[N,5] y) {
-        z = BatchNormalization (x, s, b, m, v)
-        y = Gemm (z, w)
-    }""", 1),
-    "bn_matmul": ("""g (float[N,6] x, float[6] s, float[6] b, float[6] m, float[6] v, float[6,5] w) => (float[N,5] y) {
-        z = BatchNormalization (x, s, b, m, v)
-        y = MatMul (z, w)
-    }""", 1),
-    "bn_matmul_add": ("""g (float[N,6] x, float[6] s, float[6] b, float[6] m, float[6] v, float[6,5] w, float[5] c)
-                       => (float[N,5] y) {
-        z = BatchNormalization (x, s, b, m, v)
-        zm = MatMul (z, w)
-        y = Add (zm, c)
-    }""", 1),
-    "bn_conv_unpadded": ("""g (float[N,4,8,8] x, float[4] s, float[4] b, float[4] m, float[4] v, float[3,4,3,3] w,
-                          float[3] c) => (float[N,3,6,6] y) {
-        z = BatchNormalization (x, s, b, m, v)
-        y = Conv (z, w, c)
-    }""", 1),
-    "bn_conv_grouped_valid": ("""g (float[N,4,8,8] x, float[4] s, float[4] b, float[4] m, float[4] v,
-                               float[6,2,1,1] w) => (float[N,6,4,4] y) {
-        z = BatchNormalization (x, s, b, m, v)
-        y = Conv <group = 2, strides = [2,2], auto_pad = "VALID"> (z, w)
-    }""", 1),
-    # One conv absorbs a BN on each side: the second fold must see the bias the first one added.
-    "bn_conv_bn": ("""g (float[N,4,8,8] x, float[4] s1, float[4] b1, float[4] m1, float[4] v1, float[3,4,1,1] w,
-                    float[3] s2, float[3] b2, float[3] m2, float[3] v2) => (float[N,3,8,8] y) {
-        z = BatchNormalization (x, s1, b1, m1, v1)
-        zc = Conv (z, w)
-        y = BatchNormalization (zc, s2, b2, m2, v2)
-    }""", 2),
-    "bn_matmul_bn": ("""g (float[N,6] x, float[6] s1, float[6] b1, float[6] m1, float[6] v1, float[6,5] w,
-                      float[5] s2, float[5] b2, float[5] m2, float[5] v2) => (float[N,5] y) {
-        z = BatchNormalization (x, s1, b1, m1, v1)
-        zm = MatMul (z, w)
-        y = BatchNormalization (zm, s2, b2, m2, v2)
-    }""", 2),
-    # One weight read by two convs, each followed by a BN: each folds into its own copy.
-    "shared_weight_both_fold": ("""g (float[N,3,6,6] x, float[4,3,1,1] w, float[4] s1, float[4] b1, float[4] m1,
-                                 float[4] v1, float[4] s2, float[4] b2, float[4] m2, float[4] v2)
-                                 => (float[N,4,6,6] y1, float[N,4,6,6] y2) {
-        z1 = Conv (x, w)
-        y1 = BatchNormalization (z1, s1, b1, m1, v1)
-        z2 = Conv (x, w)
-        y2 = BatchNormalization (z2, s2, b2, m2, v2)
-    }""", 2),
-    # ... and when the other conv has no BN, it must keep the original weight.
-    "shared_weight_one_folds": ("""g (float[N,3,6,6] x, float[4,3,1,1] w, float[4] s, float[4] b, float[4] m,
-                                 float[4] v) => (float[N,4,6,6] y1, float[N,4,6,6] y2) {
-        z1 = Conv (x, w)
-        y1 = BatchNormalization (z1, s, b, m, v)
-        y2 = Conv (x, w)
-    }""", 1),
-    # The BN output feeds the next layer (not a graph output), then a chain through a Relu.
-    "conv_bn_relu_conv_bn": ("""g (float[N,3,8,8] x, float[4,3,3,3] w1, float[4] s1, float[4] b1, float[4] m1,
-                              float[4] v1, float[2,4,3,3] w2, float[2] s2, float[2] b2, float[2] m2, float[2] v2)
-                              => (float[N,2,8,8] y) {
-        z1 = Conv <pads = [1,1,1,1]> (x, w1)
-        a1 = BatchNormalization (z1, s1, b1, m1, v1)
-        r1 = Relu (a1)
-        z2 = Conv <pads = [1,1,1,1]> (r1, w2)
-        y = BatchNormalization (z2, s2, b2, m2, v2)
-    }""", 2),
-}
 
 # Parameters as Constant nodes (value, value_floats) count as constants.
 CONSTANT_NODES = header() + """g (float[N,2,4,4] x) => (float[N,2,4,4] y) {
@@ -196,6 +53,7 @@ CONSTANT_NODES = header() + """g (float[N,2,4,4] x) => (float[N,2,4,4] y) {
     z = Conv (x, w)
     y = BatchNormalization (z, s, b, m, v)
 }"""
+
 
 # name: (graph, build() keyword arguments, what the skip reason must say)
 SKIPS = {
@@ -283,17 +141,6 @@ SKIPS = {
 }
 
 
-def _check(original: onnx.ModelProto, folded: onnx.ModelProto, atol: float = ATOL, rtol: float = RTOL) -> None:
-    onnx.checker.check_model(folded, full_check=True)
-    assert [i.name for i in folded.graph.input] == [i.name for i in original.graph.input]
-    assert [o.name for o in folded.graph.output] == [o.name for o in original.graph.output]
-    inputs = feeds(original)
-    for ref, got in zip(run(original, inputs), run(folded, inputs)):
-        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-        error, limit = np.abs(got64 - ref64).max(), atol + rtol * np.abs(ref64).max()
-        assert error <= limit, f"max error {error:.3g} > {limit:.3g}"
-
-
 @pytest.mark.parametrize("name", list(FOLDS))
 def test_folds(name):
     text, n_folds = FOLDS[name]
@@ -375,7 +222,7 @@ def test_batchnorm_inside_a_subgraph_is_reported():
     onnx.checker.check_model(result.model, full_check=True)
 
 
-# -- opsets --------------------------------------------------------------------------------------------------
+# -- opsets --------------------------------------------------------------------------------------------------------
 OPSET9 = """g (float[N,3,6,6] x, float[4,3,3,3] w, float[4] s1, float[4] b1, float[4] m1, float[4] v1, float[5,64] g,
               float[5] c, float[5] s2, float[5] b2, float[5] m2, float[5] v2, float[2] shape) => (float[N,5] y) {
     z = Conv (x, w)
@@ -407,34 +254,7 @@ def test_opset_7_spatial():
     assert "spatial=0" in skip.reason
 
 
-@pytest.mark.parametrize("opset, words", [(6, "older than bnfold folds"), (MAX_OPSET + 1, "newer than the installed")])
-def test_unsupported_opsets_are_load_errors(opset, words):
-    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\n'
-                                    "g (float[2] x) => (float[2] y) { y = Relu (x) }")
-    with pytest.raises(LoadError, match=words):
-        fold_graph(model)
-    with pytest.raises(LoadError, match=words):
-        discover_graph(model)
-
-
-def test_unknown_domain_is_a_load_error(tmp_path):
-    model = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>\n'
-                                    "g (float[2] x) => (float[2] y) { y = com.example.Frob (x) }")
-    path = tmp_path / "custom.onnx"
-    onnx.save(model, path)
-    with pytest.raises(LoadError, match="domain 'com.example'"):
-        load_onnx(path)
-
-
-def test_invalid_protobuf_is_a_load_error(tmp_path):
-    path = tmp_path / "broken.onnx"
-    path.write_bytes(b"\x0a\xff\xff\xff\xff\x0f garbage")
-    with pytest.raises(LoadError, match="not an ONNX model") as info:
-        load_onnx(path)
-    assert "\n" not in info.value.message
-
-
-# -- dtypes --------------------------------------------------------------------------------------------------
+# -- dtypes --------------------------------------------------------------------------------------------------------
 def _typed(text: str, dtype: str) -> str:
     return text.replace("float[", f"{dtype}[")
 
@@ -513,7 +333,7 @@ def test_overflowing_float16_fold_is_refused_with_a_reason():
     assert op_count(result.model, BN) == 1
 
 
-# -- random configurations, checked against onnxruntime ------------------------------------------------------
+# -- random configurations, checked against onnxruntime ------------------------------------------------------------
 @st.composite
 def layers(draw):
     kind = draw(st.sampled_from(["conv", "conv_transpose", "gemm"]))
@@ -562,95 +382,65 @@ def test_random_layers_fold_exactly(config):
     _check(model, result.model)
 
 
-# -- external data -------------------------------------------------------------------------------------------
-# Weights of 4.5 KiB: above the 1 KiB under which tensors stay inline in the model file.
-WIDE = header() + """g (float[N,8,6,6] x, float[16,8,3,3] w1, float[16] s1, float[16] b1, float[16] m1, float[16] v1,
-                      float[8,16,3,3] w2, float[8] s2, float[8] b2, float[8] m2, float[8] v2) => (float[N,8,6,6] y) {
+# -- odd graphs ----------------------------------------------------------------------------------------------------
+TWO_BRANCHES = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,2,4,4] x) => (float[N,3,4,4] y1, float[N,3,4,4] y2) {
     z1 = Conv <pads = [1,1,1,1]> (x, w1)
-    a1 = BatchNormalization (z1, s1, b1, m1, v1)
-    r1 = Relu (a1)
-    z2 = Conv <pads = [1,1,1,1]> (r1, w2)
-    y = BatchNormalization (z2, s2, b2, m2, v2)
+    y1 = BatchNormalization (z1, s1, b1, m1, v1)
+    z2 = Conv <pads = [1,1,1,1]> (x, w2)
+    y2 = BatchNormalization (z2, s2, b2, m2, v2)
 }"""
 
 
-def test_external_data_round_trip(tmp_path):
-    model = build(WIDE)
-    (tmp_path / "in").mkdir()
-    source = tmp_path / "in" / "model.onnx"
-    onnx.save_model(build(WIDE), str(source), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)  # (save_model moves the data out of what it saves)
-    assert has_external_data(source)
-    loaded = load_onnx(source)
-    result = fold_graph(loaded)
-    out = tmp_path / "out.onnx"
-    written = save_onnx(result.model, out, source=source)
-    assert written == [out, tmp_path / "out.onnx.data"]
-    assert has_external_data(out) and out.stat().st_size < 4096
-    _check(model, load_onnx(out))
-    onnx.checker.check_model(str(out), full_check=True)
-    inputs = feeds(model)
-    np.testing.assert_array_equal(run(str(out), inputs)[0], run(result.model, inputs)[0])
-
-
-def test_inline_models_stay_one_file_unless_asked(tmp_path):
-    result = fold_graph(build(WIDE))
-    out = tmp_path / "out.onnx"
-    assert save_onnx(result.model, out) == [out]
-    assert not has_external_data(out)
-    asked = tmp_path / "ext.onnx"
-    assert save_onnx(result.model, asked, external_data=True) == [asked, tmp_path / "ext.onnx.data"]
-    assert has_external_data(asked)
-
-
-def test_models_over_the_size_limit_get_a_data_file(tmp_path):
-    """Protobuf's 2 GB limit, lowered to a few kilobytes: the same code path as a real 2 GB model."""
-    model = build(WIDE)
+def test_node_named_like_another_nodes_label_folds_both_correctly():
+    """Attack: the first Conv/BN pair is unnamed (labels "Conv#0", "BatchNormalization#1") and the second pair is
+    *named* "Conv#0" / "BatchNormalization#1" (valid: ONNX node names are unique, the first ones are empty).
+    Expected: both BNs folded into their own Conv, outputs unchanged. Today the labels collide
+    (bnfold/onnx/graph.py: node_label, OnnxHost._by_label): one BN vanishes from the report, both folds land on
+    one Conv, and ``bnfold fuse`` reports a false parity FAILED."""
+    model = graph(TWO_BRANCHES)
+    model.graph.node[2].name, model.graph.node[3].name = "Conv#0", "BatchNormalization#1"
     result = fold_graph(model)
-    size = len(result.model.SerializeToString())
-    out = tmp_path / "big.onnx"
-    assert save_onnx(result.model, out, size_threshold=size - 1) == [out, tmp_path / "big.onnx.data"]
-    assert save_onnx(result.model, tmp_path / "fits.onnx", size_threshold=size + 1) == [tmp_path / "fits.onnx"]
-    reloaded = load_onnx(out)
-    for a, b in zip(reloaded.graph.initializer, result.model.graph.initializer):
-        assert a.name == b.name and numpy_helper.to_array(a).tobytes() == numpy_helper.to_array(b).tobytes()
-    _check(model, reloaded)
+    assert len(result.folded) == 2 and not result.skipped, (result.folded, result.skipped)
+    assert not any(n.op_type == "BatchNormalization" for n in result.model.graph.node)
+    x = {"x": np.random.default_rng(1).normal(size=(2, 2, 4, 4)).astype(np.float32)}
+    for want, got in zip(ort_run(model, x), ort_run(result.model, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("location", ["../secret", "/etc/hostname", "sub/../../secret", "link/secret"])
-def test_external_data_outside_the_model_folder_is_refused(tmp_path, location):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (tmp_path / "secret").write_bytes(b"\0" * 1024)
-    os.symlink(tmp_path, folder / "link")
-    model = build(header() + FOLDS["conv_bias"][0])
-    tensor = model.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.data_location = TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", location
-    path = folder / "model.onnx"
-    path.write_bytes(model.SerializeToString())
-    with pytest.raises(LoadError, match="outside the model's folder"):
-        load_onnx(path)
+@pytest.mark.parametrize("broken", ["epsilon", "conv weight"])
+def test_non_finite_fold_reason_names_the_real_cause(broken):
+    """Attack: BN epsilon = NaN, or a NaN in the Conv's own weight (statistics fine). Expected: the BN is skipped
+    (it is) with a reason that points at the NaN. Today both say "folded weights of Conv#0 overflow float32
+    ...: a tiny running_var magnifies them; keep this BN, or fold in float32": wrong cause, impossible advice
+    (bnfold/fold/apply.py apply_fold; epsilon is never checked in bn_params)."""
+    if broken == "epsilon":
+        model = graph(eps=float("nan"))
+    else:
+        weight = params()["w"].copy()
+        weight[0, 0, 0, 0] = np.nan
+        model = graph(w=weight)
+    result = fold_graph(model)
+    assert not result.folded
+    reason = result.skipped[0].reason
+    assert "running_var magnifies" not in reason, reason
+    assert "not finite" in reason or "nan" in reason.lower(), reason
 
 
-def test_missing_data_file_is_a_load_error(tmp_path):
-    source = tmp_path / "model.onnx"
-    onnx.save_model(build(WIDE), str(source), save_as_external_data=True, location="weights.bin", size_threshold=0)
-    (tmp_path / "weights.bin").unlink()
-    with pytest.raises(LoadError, match="'weights.bin', which is missing"):
-        load_onnx(source)
+def test_graph_output_that_is_a_graph_input_and_zero_node_graphs_pass(tmp_path):
+    """Attack: a graph output that is the graph input itself (beside a foldable pair), and a graph with no
+    nodes at all. Expected: both proven and written (exit 0), names kept."""
+    passthrough = CONV_BN.replace("=> (float[N,3,4,4] y)", "=> (float[N,3,4,4] y, float[N,2,4,4] x)")
+    empty = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]>\ng (float[N,2] x) => (float[N,2] x) {\n}')
+    for name, model in (("passthrough", graph(passthrough)), ("empty", empty)):
+        out = tmp_path / f"{name}.out.onnx"
+        result = cli("fuse", str(save(model, tmp_path / f"{name}.onnx")), "-o", str(out))
+        assert result.exit_code == 0, result.output
+        assert [o.name for o in onnx.load(str(out)).graph.output] == [o.name for o in model.graph.output]
 
 
-def test_external_data_false_still_writes_a_data_file_when_one_protobuf_cannot_hold_the_model(tmp_path):
-    result = fold_graph(build(WIDE))
-    before = result.model.SerializeToString()
-    out = tmp_path / "out.onnx"
-    assert save_onnx(result.model, out, external_data=False, size_threshold=4096)[1].name == "out.onnx.data"
-    assert result.model.SerializeToString() == before, "save_onnx changed the model"
-
-
+# -- what a fold keeps ---------------------------------------------------------------------------------------------
 def test_keeps_names_metadata_and_doc_strings():
     model = build(header() + FOLDS["conv_bias"][0])
     model.producer_name, model.producer_version, model.doc_string = "maker", "1.2", "model doc"
@@ -665,7 +455,7 @@ def test_keeps_names_metadata_and_doc_strings():
     assert list(folded.opset_import) == list(model.opset_import)
 
 
-# -- reference models exported from PyTorch ------------------------------------------------------------------
+# -- reference models exported from PyTorch ------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["resnet_tiny", "decoder_tiny", "mlp_tiny"])
 def test_reference_models_exported_with_torchscript(tmp_path, name):
     spec = zoo.get_spec(name)

@@ -9,12 +9,12 @@ import signal
 import pytest
 import torch
 from click.testing import CliRunner
-from test_cli_verify import _net  # the same small conv net
 
 import bnfold
 from bnfold.cli import main
 from bnfold.errors import BnfoldError
 from bnfold.parallel import verify_many
+from tests.nets import _net  # the same small conv net as test_cli_verify
 
 
 def crash_on_bad(**kwargs):

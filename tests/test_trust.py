@@ -13,6 +13,7 @@ measured (and a bomb that gets through cannot take pytest with it).
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -20,13 +21,13 @@ import textwrap
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+import torch
 
 import bnfold
 from bnfold import errors
-from bnfold.cli import main
 from bnfold.load import load
 from tests import hostile
+from tests.cli_helpers import assert_clean_error, cli, run
 from tests.conftest import ROOT
 
 SHAPE = ["--input-shape", hostile.SHAPE_ARG]
@@ -70,10 +71,6 @@ def isolated_imports(monkeypatch):
     for name in set(sys.modules) - before:
         if name.startswith(("evilpkg_", "evildata_")):
             del sys.modules[name]
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def command_args(command: str, path, corpus, out) -> list:
@@ -159,6 +156,57 @@ def test_refusal_names_what_would_run(corpus):
     assert not attack.fired()
     assert_refused(result, str(attack.path))
     assert re.search(r"pickle", result.output.splitlines()[0]), result.output
+
+
+# -- pickles are never unpickled without --trust, whatever the file is called --------------------------------------
+class _WritesAFile:
+    """Unpickling this would create a file: the proof that bnfold never executes an untrusted pickle."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_pickle_is_not_executed(tmp_path):
+    victim = tmp_path / "pwned.txt"
+    bad = tmp_path / "evil.pt"
+    torch.save({"weights": _WritesAFile(str(victim))}, bad)
+    assert not victim.exists()
+    result = run(str(bad), *SHAPE)
+    assert_clean_error(result, "refusing to unpickle", "--trust")
+    assert not victim.exists()
+    # A legacy (non-zip) plain pickle is refused the same way.
+    legacy = tmp_path / "evil.pkl"
+    legacy.write_bytes(pickle.dumps(_WritesAFile(str(victim)), protocol=2))
+    assert_clean_error(run(str(legacy), *SHAPE))
+    assert not victim.exists()
+
+
+def test_whole_module_pickle_refused_by_default(tmp_path, digits_model, in_root):
+    path = tmp_path / "model.pt"
+    torch.save(digits_model, path)
+    assert_clean_error(run(str(path), *SHAPE), "refusing to unpickle", "models.resnet")
+    assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("command", ["fuse", "verify"])
+def test_pickle_named_model_onnx_is_refused_and_never_runs(tmp_path, command):
+    """Attack: a pickle that would create a file when unpickled, named model.onnx. Expected: refused (exit 2),
+    the file never created."""
+
+    class WritesAFile:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "PWNED"), "w"))
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(pickle.dumps(WritesAFile()))
+    args = ["fuse", str(path), "-o", str(tmp_path / "out.onnx")] if command == "fuse" else ["verify", str(path)]
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "please report" not in result.output
+    assert not (tmp_path / "PWNED").exists()
 
 
 # -- the Python API ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""bnfold.verify: for every finding code a model that triggers it and a correct one that must not."""
+"""bnfold.verify: for every finding code a model that triggers it and a correct one that must not; the registry of
+checks and codes."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import onnx
+import onnx.parser
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,13 +15,14 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import bnfold
-from bnfold.findings import CODES
+from bnfold.findings import CHECKS, CODES
 from bnfold.inputs import InputSpec
+from bnfold.onnx.lint import lint
 from bnfold.testing import assert_deployable
 from models import zoo
 from models.zoo import randomize_bn_statistics
+from tests.nets import X, nonfinite_models
 
-X = (torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
 AUDIT = ("audit",)
 
 
@@ -219,6 +223,15 @@ def test_bn012_handed_over_in_training_mode():
     assert "BN012" in codes(report) and report.ok
 
 
+@pytest.mark.parametrize("case", ["inf weight", "zero variance without eps"])
+def test_nonfinite_outputs_are_an_error_naming_the_module(case):
+    model, culprit = nonfinite_models()[case]
+    report = bnfold.verify(model, X, checks=("audit",))
+    finding = next(f for f in report.findings if f.code == "BN014")
+    assert finding.module == culprit and finding.severity == "error"
+    assert not report.ok
+
+
 # -- ONNX codes ------------------------------------------------------------------------------------------
 def test_bn009_training_bn_in_onnx_matches_its_forced_training_model():
     # The model forces its BN into training, so PyTorch's "eval" output uses batch statistics too: onnxruntime
@@ -269,6 +282,69 @@ def test_bn011_foldable_bn_left_in_graph():
     report = bnfold.verify(model, X, checks=("onnx",))
     assert any(f.code == "BN011" and f.severity == "warning" for f in report.findings)
     assert report.ok
+
+
+# BN011 only for a BN whose weights and statistics are all constants.
+def conv_bn(weight_as: str = "initializer", stat_as: str = "initializer") -> onnx.ModelProto:
+    """x -> Conv(W, B) -> BatchNormalization(scale, bias, mean, var) -> y.
+
+    ``weight_as`` / ``stat_as`` say where W and the BN's scale come from: an initializer (constant), a graph
+    input, an initializer also listed as a graph input (a default a caller can override), or a node's output.
+    """
+    tensors = {"W": np.full((2, 1, 1, 1), 0.5, np.float32), "B": np.zeros(2, np.float32),
+               "scale": np.ones(2, np.float32), "bias": np.zeros(2, np.float32), "mean": np.zeros(2, np.float32),
+               "var": np.ones(2, np.float32)}
+    nodes = [onnx.helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv"),
+             onnx.helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"], name="bn")]
+    inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 2, 2])]
+    initializers = dict(tensors)
+    for name, where in (("W", weight_as), ("scale", stat_as)):
+        info = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, tensors[name].shape)
+        if where == "graph input":
+            del initializers[name]
+            inputs.append(info)
+        elif where == "overridable initializer":
+            inputs.append(info)
+        elif where == "node output":  # computed from a graph input too (from constants alone it would fold)
+            initializers[f"{name}_source"] = initializers.pop(name)
+            inputs.append(onnx.helper.make_tensor_value_info(f"{name}_delta", onnx.TensorProto.FLOAT,
+                                                             tensors[name].shape))
+            nodes.insert(0, onnx.helper.make_node("Add", [f"{name}_source", f"{name}_delta"], [name]))
+    graph = onnx.helper.make_graph(nodes, "conv_bn", inputs,
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 2, 2])],
+                                   [onnx.numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 15)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_bn011_constant_weights_and_statistics_fold():
+    findings = lint(conv_bn())
+    assert [(f.code, f.module) for f in findings] == [("BN011", "bn")]
+    assert "follows conv and could be folded" in findings[0].message
+
+
+@pytest.mark.parametrize("weight_as, stat_as", [
+    ("graph input", "initializer"),
+    ("overridable initializer", "initializer"),
+    ("node output", "initializer"),
+    ("initializer", "graph input"),
+    ("initializer", "overridable initializer"),
+    ("initializer", "node output"),
+])
+def test_bn011_not_for_a_weight_or_statistic_that_can_change(weight_as, stat_as):
+    assert lint(conv_bn(weight_as, stat_as)) == []
+
+
+def test_bn011_not_for_a_gemm_whose_bias_is_a_graph_input():
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 15]>
+    g (float[1, 2] x, float[2] C) => (float[1, 2] y) <float[2, 2] B = {1, 0, 0, 1}, float[2] s = {1, 1},
+                                                     float[2] b = {0, 0}, float[2] m = {0, 0}, float[2] v = {1, 1}> {
+        h = Gemm (x, B, C)
+        y = BatchNormalization (h, s, b, m, v)
+    }""")
+    assert lint(model) == []
 
 
 def _onnx_graph(path, training_mode: int) -> None:
@@ -348,6 +424,11 @@ def test_every_code_is_documented():
     readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
     for code in CODES:
         assert f"| {code} |" in readme
+
+
+def test_every_code_belongs_to_a_check():
+    listed = {code for check in CHECKS for code in check.codes}
+    assert listed == set(CODES)
 
 
 def test_onnxruntime_crash_becomes_a_finding(tmp_path, monkeypatch):

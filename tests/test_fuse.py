@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnfold
-from bnfold.compare import compare
 from bnfold.discover import graph
 from models.zoo import randomize_bn_statistics
 
@@ -179,20 +178,6 @@ def test_model_in_training_mode_is_folded_as_deployed():
     assert result.ok and result.was_training and len(result.folded) == 1
     assert [m.training for m in model.modules()] == [True, True, True, False]  # the caller's flags are restored
     assert not result.model.training
-
-
-def test_compare_semantics():
-    ref = torch.tensor([1.0, 2.0, 4.0])
-    assert compare("c", ref, ref + 1e-6)
-    # rel error is to the output's scale (4.0): 0.01 / 4 = 2.5e-3 fails rtol 1e-3 and atol 1e-5
-    failing = compare("c", ref, ref + torch.tensor([0.0, 0.01, 0.0]), atol=1e-5, rtol=1e-3)
-    assert not failing and failing.outputs[0].worst_index == (1,)
-    assert failing.outputs[0].max_rel == pytest.approx(0.0025)
-    # an element fails only when both tolerances are exceeded
-    assert compare("c", ref, ref + 0.01, atol=0.02, rtol=0.0)
-    assert not compare("c", ref, torch.tensor([1.0, float("nan"), 4.0]))
-    assert not compare("c", ref, ref[:2])
-    assert not compare("c", {"a": ref}, {"b": ref})
 
 
 def test_fp16_overflow_is_skipped_not_written_as_inf():

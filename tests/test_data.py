@@ -1,4 +1,5 @@
-"""Bad calibration data and bad data sources end in one precise error, never in NaN statistics or a crash.
+"""Calibration data (``--data``, bnfold.data): the formats it is read from; bad data and bad data sources end in one
+precise error, never in NaN statistics or a crash.
 
 Library cases use a tiny conv/BN model on 8x8 inputs; CLI cases use ``resnet_digits`` (1x8x8) and check the
 exit code 2 and the single ``error:`` line together.
@@ -151,6 +152,26 @@ def test_model_run_error_points_at_the_data_shape_and_keeps_the_cause():
 
 
 # --- 3. reading --data ----------------------------------------------------------------------------------
+
+
+def test_data_formats(tmp_path):
+    from PIL import Image
+
+    from bnfold.data import DataError, load_data
+
+    array = np.random.default_rng(0).random((10, 3, 4, 4), dtype=np.float32)
+    np.save(tmp_path / "x.npy", array)
+    np.savez(tmp_path / "x.npz", inputs=array, labels=np.arange(10))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray((array[i].transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    for spec, n in ((tmp_path / "x.npy", 10), (tmp_path / "x.npz", 10), (folder, 5)):
+        batches = list(load_data(str(spec), batch_size=4)())
+        assert sum(b.shape[0] for b in batches) == n and batches[0].shape[1:] == (3, 4, 4)
+    np.savez(tmp_path / "many.npz", a=array, b=array)
+    with pytest.raises(DataError, match="looks for one of x"):
+        load_data(str(tmp_path / "many.npz"))
 
 
 def test_batch_size_must_be_positive(tmp_path):

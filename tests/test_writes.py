@@ -1,8 +1,9 @@
-"""Writing outputs: file modes, write failures (full disk, size limits) and temporary files.
+"""Writing a file (bnfold.save): atomic replacement, file modes, write failures (full disk, size limits), and no
+temporary file left behind.
 
 Write failures are provoked with ``RLIMIT_FSIZE`` (what ``ulimit -f`` sets) in a child process, so the limit
 never touches pytest: with SIGXFSZ ignored, a write past the limit fails with EFBIG, the same path through
-the code as ENOSPC on a full disk. Signals are sent by the child to itself in the middle of a write.
+the code as ENOSPC on a full disk. (A signal in the middle of a write: ``test_signals.py``.)
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import stat
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,15 +19,17 @@ import pytest
 import torch
 from torch import nn
 
-import bnfold.cli
 from bnfold import save
 from bnfold.errors import OutputError
 from bnfold.save import current_umask, save_model, write_atomic, write_bytes_atomic
-from tests.conftest import ROOT
+from tests.conftest import OLD, temp_files
+from tests.processes import run_child
 
 FORMATS = ["torchscript", "export", "pickle", "state_dict", "safetensors"]
-OLD = b"the previous version of the file\n"
+
+
 SIZE_LIMIT = 4096  # bytes: far below every model file written here (the Linear alone holds 16 KiB)
+
 
 #: Prepended to every child script: the limit that makes writes past SIZE_LIMIT fail with EFBIG.
 LIMIT_FILE_SIZE = f"""
@@ -58,19 +58,6 @@ def mlp_tiny_state() -> dict[str, torch.Tensor]:
     return zoo.build("mlp_tiny").state_dict()
 
 
-def temp_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob(".*.tmp*"))
-
-
-def run_child(script: str, *args: str, tmpdir: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -c script args`` in the repository root (so ``models`` imports), optionally with TMPDIR."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    if tmpdir is not None:
-        env["TMPDIR"] = str(tmpdir)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture
 def umask():
     """Set the process umask for one test and restore it afterwards."""
@@ -84,8 +71,7 @@ def mode_of(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-# 1. File modes -----------------------------------------------------------------------------------------------
-
+# -- file modes ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002, 0o277], ids=oct)
 def test_new_files_get_the_mode_open_would_give(tmp_path, umask, mask):
     umask(mask)
@@ -122,8 +108,7 @@ def test_umask_read_without_proc_leaves_it_unchanged(monkeypatch, umask, mask):
     assert current_umask() == mask  # /proc agrees, and the fallback restored the umask
 
 
-# 2. Write failures ---------------------------------------------------------------------------------------------
-
+# -- write failures ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def size_limited_writes(tmp_path_factory):
     """One child writes every format, and a text file, past the size limit; returns what happened to each.
@@ -135,7 +120,8 @@ def size_limited_writes(tmp_path_factory):
         import json, sys
         from pathlib import Path
         import torch
-        from tests.test_hardening_io import EXAMPLE_INPUTS, FORMATS, OLD, tiny_model_as
+        from tests.conftest import OLD
+        from tests.test_writes import EXAMPLE_INPUTS, FORMATS, tiny_model_as
         from bnfold.errors import OutputError
         from bnfold.save import save_model, write_atomic
         folder = Path(sys.argv[1])
@@ -180,7 +166,6 @@ def test_cli_reports_a_size_limit_in_one_line(tmp_path):
     assert errors == [f"error: cannot write {out}: File too large"], child.stderr
     assert "Traceback" not in child.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
-
 
 
 @pytest.mark.parametrize(("code", "reason"), [(errno.ENOSPC, "No space left on device"),
@@ -241,8 +226,7 @@ def test_every_format_round_trips_through_memory(tmp_path, fmt):
     assert temp_files(tmp_path) == []
 
 
-# 3. Temporary files on interruption ------------------------------------------------------------------------
-
+# -- temporary files on interruption -------------------------------------------------------------------------------
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(143), RuntimeError("serialiser failed")],
                          ids=lambda e: type(e).__name__)
 def test_an_interrupted_write_leaves_no_temp_file(tmp_path, exc):
@@ -259,58 +243,3 @@ def test_an_interrupted_write_leaves_no_temp_file(tmp_path, exc):
         write_atomic(target, interrupted)
     assert seen[0].startswith(".model.pt2.") and seen[0].endswith(".tmp.pt2")  # .<name>.XXXX.tmp<suffix>
     assert target.read_bytes() == OLD and temp_files(tmp_path) == []
-
-
-#: The child writes OLD, then starts replacing it and sends itself ``signum`` half-way through the write. With
-#: ``via=cli`` the write runs the way every bnfold command runs (its signal handling and exit codes); with
-#: ``via=plain``, under a bare handler that raises SystemExit, as any caller's handler that unwinds would.
-SIGNAL_DURING_WRITE = """
-    import os, signal, sys
-    from pathlib import Path
-    from bnfold.save import write_atomic
-    target, signum, via = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    target.write_bytes({old!r})
-
-    def signalled(tmp):
-        Path(tmp).write_bytes(b"half a model")
-        os.kill(os.getpid(), signum)
-        Path(tmp).write_bytes(b"the handler did not stop the write")
-
-    def command():
-        write_atomic(target, signalled)
-        return 0
-
-    if via == "cli":
-        import bnfold.cli
-        bnfold.cli._exit_through(command, debug=False)
-    else:
-        def exit_on_signal(signum, frame):
-            raise SystemExit(128 + signum)
-        signal.signal(signum, exit_on_signal)
-        command()
-    """.format(old=OLD)
-
-
-def assert_signal_left_nothing(tmp_path, signum: int, via: str) -> None:
-    folder, tmpdir = tmp_path / "out", tmp_path / "tmpdir"
-    folder.mkdir()
-    tmpdir.mkdir()
-    target = folder / "model.pt2"
-    child = run_child(SIGNAL_DURING_WRITE, str(target), str(int(signum)), via, tmpdir=tmpdir)
-    assert child.returncode == 128 + signum, (child.returncode, child.stderr[-3000:])
-    assert "Traceback" not in child.stderr
-    assert target.read_bytes() == OLD
-    assert temp_files(folder) == []
-    assert list(tmpdir.glob("bnfold-*")) == []
-
-
-def test_exit_from_a_signal_handler_leaves_no_temp_file(tmp_path):
-    assert_signal_left_nothing(tmp_path, signal.SIGTERM, "plain")
-
-
-@pytest.mark.xfail(not hasattr(bnfold.cli, "handle_signals"), strict=False, run=False,
-                   reason="bnfold.cli.handle_signals() (SIGTERM/SIGINT unwind, and the CLI exits 143/130) "
-                          "is not there yet")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_cli_signal_handling_during_a_write(tmp_path, signum):
-    assert_signal_left_nothing(tmp_path, signum, "cli")
