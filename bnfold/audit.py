@@ -16,6 +16,7 @@ All probes run on a copy: a BN in training mode would otherwise update the calle
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from bnfold.compare import flatten_outputs
+from bnfold.compare import compare_output, flatten_outputs
+from bnfold.discover.fx import graph_nodes
 from bnfold.errors import first_line
 from bnfold.findings import Finding
 from bnfold.inputs import InputSpec, make_inputs, seeded
@@ -77,8 +79,6 @@ def bn_refs(model: nn.Module) -> list[tuple[BNRef, nn.Module | None]]:
     """Every BN of ``model`` with its module: modules (hidden ones too), or batch-norm calls of an exported graph."""
     refs = [(bn_ref(name, m), m) for name, m in all_modules(model).items() if is_bn_module(m)]
     if isinstance(model, torch.fx.GraphModule) and not refs:  # a torch.export program: BNs are graph calls
-        from bnfold.discover.fx import graph_nodes
-
         refs = [(n.bn, None) for n in graph_nodes(model, model).values() if n.bn is not None]
     return refs
 
@@ -215,14 +215,23 @@ def _nonfinite_count(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
-def _rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def _rel_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """How far run ``b`` is from run ``a``: the largest change of an element relative to its output's scale in
+    ``a`` (scale 1 for an output that is zero everywhere), over the outputs both have, measured by
+    :func:`bnfold.compare.compare_output` at atol 0.
+
+    Infinite for a shape change, and for a NaN or Inf in one run where the other has another value: a NaN is
+    never "no change". The same non-finite value at the same element of both runs is no change: the probes ask
+    whether the output moved, and non-finite outputs are the ``finite`` probe's finding (BN014), not evidence of
+    batch dependence or randomness."""
     worst = 0.0
-    for key in a.keys() & b.keys():
-        x, y = a[key].double(), b[key].double()
-        if x.shape != y.shape:
-            return float("inf")
-        scale = float(x.abs().max()) or 1.0
-        worst = max(worst, float((x - y).abs().max()) / scale)
+    for key in [k for k in a if k in b]:
+        x, y = a[key].detach().double(), b[key].detach().double()
+        if x.shape == y.shape:
+            same = ~torch.isfinite(x) & ((x == y) | (torch.isnan(x) & torch.isnan(y)))
+            x, y = x.masked_fill(same, 0.0), y.masked_fill(same, 0.0)
+        diff = compare_output(key, x, y, atol=0.0)
+        worst = max(worst, math.inf if diff.problem else diff.max_abs / (diff.scale or 1.0))
     return worst
 
 
@@ -231,7 +240,7 @@ def _culprit(run_a: list[tuple[str, torch.Tensor]], run_b: list[tuple[str, torch
     for (name_a, out_a), (name_b, out_b) in zip(run_a, run_b):
         if name_a != name_b:
             return name_a  # the two runs took different paths from here on
-        if out_a.shape != out_b.shape or _rel_diff({"o": out_a}, {"o": out_b}) > rtol:
+        if _rel_change({name_a: out_a}, {name_a: out_b}) > rtol:
             return name_a
     return None
 
@@ -290,7 +299,8 @@ class _Probes:
         self.dropouts = forced_a.dropouts + forced_c.dropouts
 
     def finite(self) -> None:
-        """Finite inputs must give finite outputs: NaN compared with NaN would otherwise pass every other probe."""
+        """Finite inputs must give finite outputs. The probes that compare runs see a NaN that appears in one run
+        only (an infinite change); this one reports every non-finite output and names the first module giving one."""
         bad = {name: _nonfinite_count(t) for name, t in flatten_outputs(self.out_a).items()
                if isinstance(t, torch.Tensor) and t.is_floating_point()}
         bad = {name: count for name, count in bad.items() if count}
@@ -324,7 +334,7 @@ class _Probes:
         """One sample, two sets of companions at equal batch size: a sharp signal. Both runs use the same seed,
         so an active dropout draws the same mask and does not pass for batch dependence."""
         out_b, tap_b, _ = self._tapped(self.batch_b, self.seed)
-        diff = _rel_diff(_first_sample(self.out_a, 0), _first_sample(out_b, 0))
+        diff = _rel_change(_first_sample(self.out_a, 0), _first_sample(out_b, 0))
         self.dependent = diff > PROBE_RTOL["same_batch"]
         if self.dependent:
             where = _culprit(self.tap_a.outputs, tap_b.outputs, PROBE_RTOL["same_batch"]) or ""
@@ -342,7 +352,7 @@ class _Probes:
         try:
             with torch.no_grad(), seeded(self.seed):
                 alone = self.model(*self.x0)
-            diff = _rel_diff(_first_sample(alone, 0), _first_sample(self.out_a, 0))
+            diff = _rel_change(_first_sample(alone, 0), _first_sample(self.out_a, 0))
             detail = f"max rel change {diff:.3g} between batch 1 and batch {self.batch}"
         except Exception as exc:  # "Expected more than 1 value per channel when training"
             diff = float("inf")
@@ -355,7 +365,7 @@ class _Probes:
 
     def determinism(self) -> None:
         """The same batch under another seed (see :meth:`observe`); a deterministic model does not care."""
-        diff = _rel_diff(_first_sample(self.out_a, 0), _first_sample(self.out_c, 0))
+        diff = _rel_change(_first_sample(self.out_a, 0), _first_sample(self.out_c, 0))
         random = diff > 0 or self.dropouts > 0
         if random:
             where = _culprit(self.tap_a.outputs, self.tap_c.outputs, 0.0) or ""

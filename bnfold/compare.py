@@ -9,6 +9,10 @@ The error statistics are taken over the elements finite on both sides (infinite 
 Each result records the worst element's index and both values there, and the smallest rtol that would have
 passed with this atol (``required_rtol``), so a failure tells the user what to look at and what a passing run
 needs.
+
+This is bnfold's one comparison: parity (fold, ONNX, ``bnfold export``), the BN010 culprit search, and the
+audit's probes, which compare two runs of one model output by output at atol 0 (a NaN or Inf in one run only
+is an infinite change, never none).
 """
 
 from __future__ import annotations

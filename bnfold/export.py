@@ -41,6 +41,7 @@ from bnfold.kinds import Adapter, adapter_for
 from bnfold.onnx.check import check_onnx
 from bnfold.onnx.export import EXPORTERS, export_onnx
 from bnfold.onnx.fold import discover_graph, fold_graph
+from bnfold.onnx.graph import node_labels
 from bnfold.onnx.io import load_onnx, save_onnx
 from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtWorker
 from bnfold.runtime import Reference, make_reference, run_model, split_examples
@@ -85,9 +86,9 @@ class ExportResult:
             "exporter": self.exporter,
             "findings": [f.to_dict() for f in self.findings],
             "torch_folded": [f.to_dict() for f in (fold.folded if fold else [])],
-            "torch_skipped": [{"bn": s.bn, "reason": s.reason} for s in (fold.skipped if fold else [])],
+            "torch_skipped": [s.to_dict() for s in (fold.skipped if fold else [])],
             "graph_folded": [f.to_dict() for f in self.graph_folded],
-            "left": [{"bn": s.bn, "reason": s.reason} for s in self.left],
+            "left": [s.to_dict() for s in self.left],
             "parity": [c.to_dict() for c in self.parity],
             "notes": list(self.notes),
             "timings": dict(self.timings),
@@ -258,7 +259,8 @@ def _export_and_prove(subject: Adapter, reference: Reference, output: Path, resu
                 graph, result.graph_folded = folded.model, list(folded.folded)
                 result.notes += folded.notes
             plan = discover_graph(graph)
-            result.left = list(plan.skips) + [Skip(f.bn.name, f"foldable ({f.describe()}): left by --no-fold")
+            result.left = list(plan.skips) + [Skip(f.bn.name, f"foldable ({f.describe()}): left by --no-fold",
+                                                   "not-requested")
                                               for f in plan.folds] + _unpaired_bns(graph, plan)
         candidate = Path(tmp) / "candidate" / output.name
         candidate.parent.mkdir()
@@ -289,11 +291,10 @@ def _cast_inputs(inputs: tuple[torch.Tensor, ...], half: bool) -> tuple[torch.Te
 
 
 def _unpaired_bns(graph: onnx.ModelProto, found: Any) -> list[Skip]:
-    """BatchNormalization nodes the plan neither folds nor explains (there should be none: a safety net)."""
+    """BatchNormalization nodes the plan neither folds nor explains (there should be none: a safety net).
+
+    Nodes are named as the plan names them (:func:`bnfold.onnx.graph.node_labels`: ``bn@3`` when two share "bn").
+    """
     named = {s.bn for s in found.skips} | {f.bn.name for f in found.folds}
-    left = []
-    for index, node in enumerate(graph.graph.node):
-        name = node.name or f"{node.op_type}#{index}"
-        if node.op_type == "BatchNormalization" and name not in named:
-            left.append(Skip(name, "left in the graph"))
-    return left
+    return [Skip(label, "left in the graph") for label, node in zip(node_labels(graph.graph.node), graph.graph.node)
+            if node.op_type == "BatchNormalization" and label not in named]

@@ -36,13 +36,14 @@ import torch
 from torch import nn
 
 from bnfold.audit import DEGENERATE_SCALE, all_modules
+from bnfold.data import load_data
 from bnfold.discover.graph import Discovery, Fold
 from bnfold.fold.apply import CannotFold
 from bnfold.fuse import plan
 from bnfold.inputs import InputSpec
 from bnfold.kinds import Adapter, adapter_for
 from bnfold.layers import BNRef, is_bn_module
-from bnfold.recalibrate import LayerDrift
+from bnfold.recalibrate import LayerDrift, recalibrate
 
 #: float16's largest finite value: a running variance above it is infinite in a float16 model.
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -125,6 +126,7 @@ class BNRow:
     consumers: list[str]  # labels of what reads it ("(output)": the model output)
     fold: Fold | None  # the plan's fold, None when the BN is left
     reason: str | None  # why it is left (None when it folds)
+    code: str | None = None  # the reason's code (:data:`bnfold.discover.reasons.CODES`; None when it folds)
     merged_with: list[str] = field(default_factory=list)  # other BNs folding into the same layer
     eps: float | None = None
     momentum: float | None = None
@@ -169,16 +171,11 @@ def _drift_dict(drift: LayerDrift | None) -> dict[str, Any] | None:
     return {"samples": drift.samples, "mean_shift": drift.mean_shift, "var_ratio": drift.var_ratio}
 
 
-def reason_group(reason: str) -> str:
-    """What the summary counts left BNs by: the reason's first clause (up to its first colon)."""
-    return reason.split(":", 1)[0].strip()
-
-
 @dataclass(frozen=True)
 class InspectSummary:
     bns: int
     foldable: int
-    left: dict[str, int]  # reason group (see reason_group) -> BNs
+    left: dict[str, int]  # reason code (:data:`bnfold.discover.reasons.CODES`) -> BNs left for it, most first
     risky: int  # BNs with at least one flag
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,7 +198,7 @@ class InspectReport:
 
     @property
     def summary(self) -> InspectSummary:
-        left = Counter(reason_group(r.reason or "") for r in self.rows if not r.folds)
+        left = Counter(r.code or "unclassified" for r in self.rows if not r.folds)
         return InspectSummary(bns=len(self.rows), foldable=sum(r.folds for r in self.rows),
                               left=dict(left.most_common()), risky=sum(bool(r.flags) for r in self.rows))
 
@@ -233,7 +230,8 @@ def inspect(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpe
     notes = list(found.notes)
     rows = [_row(ref, found.neighbours.get(ref.name), found, host, adapter) for ref in found.bns]
     known = {r.name for r in rows}
-    rows += [BNRow(s.bn, None, [], None, s.reason, note="statistics not read: no BN op of the main graph reads them")
+    rows += [BNRow(s.bn, None, [], None, s.reason, s.code,
+                   note="statistics not read: no BN op of the main graph reads them")
              for s in found.skips if s.bn not in known]
     _mark_merges(rows)
     notes += _unseen_modules(adapter, {r.name for r in rows})
@@ -246,9 +244,10 @@ def inspect(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpe
 def _row(ref: BNRef, neighbours: tuple[str, list[str]] | None, found: Discovery, host: Any,
          adapter: Adapter) -> BNRow:
     fold = next((f for f in found.folds if f.bn.name == ref.name), None)
-    reason = next((s.reason for s in found.skips if s.bn == ref.name), None)
+    skip = next((s for s in found.skips if s.bn == ref.name), None)
     producer, consumers = neighbours or (None, [])
-    row = BNRow(ref.name, producer, list(consumers), fold, reason, eps=ref.eps, momentum=_momentum(ref, adapter))
+    row = BNRow(ref.name, producer, list(consumers), fold, skip.reason if skip else None, skip.code if skip else None,
+                eps=ref.eps, momentum=_momentum(ref, adapter))
     if ref.mean is None or ref.var is None:
         row.note = "no running statistics"
     else:
@@ -314,16 +313,12 @@ def _unseen_modules(adapter: Adapter, names: set[str]) -> list[str]:
 
 def _add_drift(report: InspectReport, adapter: Adapter, data: Any, samples: int | None) -> None:
     """Drift of each BN's running statistics from the data's population statistics (recalibrate's, as BN013)."""
-    from bnfold.recalibrate import recalibrate
-
     if not adapter.eager:
         report.notes.append("--data needs the eager model (a state dict with --arch, or a pickled module): drift was "
                             "not computed")
         return
     model: nn.Module = adapter.model
     if isinstance(data, str):
-        from bnfold.data import load_data
-
         dtype = next((p.dtype for p in model.parameters()), torch.float32)
         data = load_data(data, dtype=dtype)
     result = recalibrate(model, data, samples=samples)

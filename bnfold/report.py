@@ -14,6 +14,7 @@ from rich.table import Table
 
 from bnfold.compare import Comparison, OutputDiff
 from bnfold.fold.result import FuseResult
+from bnfold.inspect import FLAGS
 from bnfold.save import write_atomic
 
 SCHEMA_VERSION = 1
@@ -261,8 +262,6 @@ def _statistics_cells(row: Any) -> tuple[str, str, str, str, str]:
 def render_inspect(report: Any, console: Console, *, source: str) -> None:
     """One row per BN in forward order, the drift (worst first) when measured, the flags' meanings, the summary
     line. No verdict: inspect never judges."""
-    from bnfold.inspect import FLAGS
-
     table = Table(title=f"BatchNorm inspection: {escape(source)} ({report.kind}, discovery: {report.discovery})",
                   title_justify="left", expand=False, show_lines=True)
     table.add_column("BatchNorm\n[dim]producer -> BN -> consumers[/dim]", overflow="fold", ratio=3)
@@ -292,8 +291,8 @@ def render_inspect(report: Any, console: Console, *, source: str) -> None:
 
 
 def inspect_summary_line(summary: Any) -> str:
-    """``13 BatchNorm(s): 7 foldable, 6 left (5 not next to a conv/linear; 1 ...), 2 risky``."""
-    groups = "; ".join(f"{count} {reason}" for reason, count in summary.left.items())
+    """``13 BatchNorm(s): 7 foldable, 6 left (5 not-adjacent; 1 padding), 2 risky``: left BNs counted by reason code."""
+    groups = "; ".join(f"{count} {code}" for code, count in summary.left.items())
     left = f"{sum(summary.left.values())} left" + (f" ({groups})" if groups else "")
     return f"{summary.bns} BatchNorm(s): {summary.foldable} foldable, {left}, {summary.risky} risky"
 

@@ -8,9 +8,10 @@ from torch import nn
 
 from bnfold.discover import fx, observed
 from bnfold.discover.graph import Discovery, Fold, Skip
+from bnfold.discover.reasons import CODES, Reason
 from bnfold.errors import first_line
 
-__all__ = ["Discovery", "Fold", "Skip", "discover"]
+__all__ = ["CODES", "Discovery", "Fold", "Reason", "Skip", "discover"]
 
 
 def discover(model: nn.Module, input_draws: list[tuple[Any, ...]], method: str = "auto", *,

@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from bnfold.discover.graph import Discovery, Factor, Node, pair
+from bnfold.discover.reasons import Reason
 from bnfold.discover.rules import per_channel
 from bnfold.layers import BNRef, LayerRef, bn_ref, conv_geometry, is_bn_module, producer_ref
 
@@ -242,7 +243,7 @@ def _attr_path(value: Any) -> str | None:
     return value.target if isinstance(value, fx.Node) and value.op == "get_attr" else None
 
 
-def functional_layer_ref(fx_node: fx.Node) -> tuple[LayerRef | None, str | None]:
+def functional_layer_ref(fx_node: fx.Node) -> tuple[LayerRef | None, Reason | None]:
     """A conv/linear call whose weight (and bias, if any) are attributes of the root; else (None, why not)."""
     kind, names = _LAYER_CALLS[fx_node.target]
     args = _bound(fx_node, names)
@@ -251,9 +252,9 @@ def functional_layer_ref(fx_node: fx.Node) -> tuple[LayerRef | None, str | None]
     for role, value in (("weight", args.get("weight")), ("bias", bias)):
         if value is not None and _attr_path(value) is None:
             what = value.name if isinstance(value, fx.Node) else type(value).__name__
-            return None, (f"{role} is computed in forward ({what}), not a stored tensor: a fold written into the "
-                          "stored tensor would pass through that computation (weight standardisation, weight "
-                          "norm) and not be exact")
+            return None, Reason("not-constant", f"{role} is computed in forward ({what}), not a stored tensor: a "
+                                "fold written into the stored tensor would pass through that computation (weight "
+                                "standardisation, weight norm) and not be exact")
     if kind == "convolution":
         kind = "conv_transpose" if args.get("transposed") else "conv"
     meta = _tensor_meta(args["weight"])

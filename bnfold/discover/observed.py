@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from bnfold.discover.graph import Discovery, Fold, Node, Skip, pair
+from bnfold.discover.reasons import Reason
 from bnfold.layers import BNRef, LayerRef, bn_ref, conv_geometry, is_bn_module, producer_ref
 
 _FUNCTIONAL_BN = {F.batch_norm, torch.batch_norm}
@@ -102,7 +103,7 @@ class _Observer(TorchFunctionMode):
         return out
 
     def _functional_layer(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-                          ) -> tuple[LayerRef | None, str | None]:
+                          ) -> tuple[LayerRef | None, Reason | None]:
         """A functional conv/linear whose weight (and bias) are the model's own tensors, as they are stored."""
         kind, positions = _FUNCTIONAL_LAYERS[func]
         names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
@@ -118,9 +119,9 @@ class _Observer(TorchFunctionMode):
             if isinstance(value, torch.Tensor):
                 paths[role] = self.paths.get(id(value))
                 if paths[role] is None:
-                    return None, (f"{role} is computed in forward, not a stored tensor: a fold written into the "
-                                  "stored tensor would pass through that computation (weight standardisation, "
-                                  "weight norm) and not be exact")
+                    return None, Reason("not-constant", f"{role} is computed in forward, not a stored tensor: a "
+                                        "fold written into the stored tensor would pass through that computation "
+                                        "(weight standardisation, weight norm) and not be exact")
         if not isinstance(weight, torch.Tensor):
             return None, None
         shape = tuple(weight.shape)
@@ -206,7 +207,7 @@ def discover(model: nn.Module, input_draws: list[tuple[Any, ...]]) -> Discovery:
             earlier = folds.setdefault(fold.bn.name, fold)
             if earlier != fold:
                 skips.setdefault(fold.bn.name, Skip(fold.bn.name, f"pairs with {earlier.layer.name} on one input and "
-                                                                  f"{fold.layer.name} on another"))
+                                                                  f"{fold.layer.name} on another", "input-dependent"))
     return Discovery(
         folds=[f for name, f in folds.items() if name not in skips],
         skips=list(skips.values()),

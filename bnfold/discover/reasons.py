@@ -3,10 +3,10 @@
 Every skip carries a short stable code beside its words: the words say what to do about this BN and name the
 layers involved (they may be reworded), the code names the cause and does not change between releases. Code
 branches on the code, never on the words; ``bnfold inspect`` counts left BNs by it (its JSON's ``summary.left``),
-and a skip's JSON object carries it (:meth:`bnfold.discover.graph.Skip.to_dict`).
+and a skip's JSON object carries it (:meth:`bnfold.discover.nodes.Skip.to_dict`).
 
 A rule that cannot fold returns a :class:`Reason`; a conv/linear (or BN) that cannot take part in any fold holds one
-as its :attr:`~bnfold.discover.graph.Node.refusal`, and a BN that follows or feeds it is skipped with the same code.
+as its :attr:`~bnfold.discover.nodes.Node.refusal`, and a BN that follows or feeds it is skipped with the same code.
 """
 
 from __future__ import annotations

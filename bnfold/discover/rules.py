@@ -1,31 +1,172 @@
-"""The structural rules: BNs that no single layer next to them can absorb, but several layers together can.
+"""The pairing rules, each stated once on the pairing graph of :mod:`bnfold.discover.nodes`, so the same rules
+serve torch.fx graphs, observed forward passes, ``torch.export`` and TorchScript graphs and ONNX graphs.
 
-Stated once on the pairing graph of :mod:`bnfold.discover.graph`, so the same rules serve torch.fx graphs,
-``torch.export`` graphs and ONNX graphs (each front-end marks Adds and Concats with :attr:`Node.op`):
+A rule is an object (:class:`Rule`): a *pattern* (the neighbour a BN would fold into, or through), a *check* (why
+it cannot: a :class:`~bnfold.discover.reasons.Reason`, with its code), an *action* (the fold).
+:func:`bnfold.discover.graph.pair` runs them in the order of :data:`RULES`; the same objects serve every command
+that counts folds (lint, inspect) and every one that applies them (fuse, export), so "foldable" means one thing.
 
-* :func:`find_merges`: **branch merging** (re-parameterisation). A sum (Adds, Subs, Identities, products
-  with a per-channel constant) whose operands all read one input through ``conv -> BN``, ``conv``, ``BN`` (an
-  identity kernel) or nothing (the input itself) is one conv: every kernel is scaled by its BN and its
-  coefficient in the sum, padded to the largest kernel and summed, the biases likewise. RepVGG, MobileOne,
-  DBB and FastViT's RepMixer train this way; timm's ``reparameterize_model`` does it with the model's own code.
-* :func:`through`, Concat: a BN after a channel Concat of conv/linear outputs (each used only by the Concat)
-  is a per-slice fold: each producer absorbs its channels of the BN.
-* :func:`through`, Add: a BN after an Add (or a chain of Adds) of conv/linear outputs (each used only by the
-  Add) scales every operand; one operand also absorbs the shift: ``BN(a + b) = s*a + s*b + t``. Only Adds: a
-  Sub or a product on the way would put the shift on the wrong side.
+* :func:`bn_reason`: what rules out a BN whatever its neighbours (batch statistics, a BN that runs twice).
+* :data:`AFTER`: ``conv/linear -> BN``, the layer's output read by the BN alone.
+* :data:`BEFORE`: ``BN -> linear / unpadded conv``, the BN's output read by the layer alone.
+* :data:`THROUGH`, Concat: a BN after a channel Concat of conv/linear outputs (each used only by the Concat) is a
+  per-slice fold: each producer absorbs its channels of the BN.
+* :data:`THROUGH`, Add: a BN after an Add (or a chain of Adds) of conv/linear outputs (each used only by the Add)
+  scales every operand; one operand also absorbs the shift: ``BN(a + b) = s*a + s*b + t``. Only Adds: a Sub or a
+  product on the way would put the shift on the wrong side.
+* :func:`find_merges` / :func:`apply_merges`: **branch merging** (re-parameterisation), a rule on the whole graph.
+  A sum (Adds, Subs, Identities, products with a per-channel constant) whose operands all read one input through
+  ``conv -> BN``, ``conv``, ``BN`` (an identity kernel) or nothing (the input itself) is one conv: every kernel is
+  scaled by its BN and its coefficient in the sum, padded to the largest kernel and summed, the biases likewise.
+  RepVGG, MobileOne, DBB and FastViT's RepMixer train this way; timm's ``reparameterize_model`` does it with the
+  model's own code.
 
-Each rule checks its conditions on the graph alone and, when one fails, says which and where.
+:data:`THROUGH` and branch merging are *structural* (each front-end marks Adds and Concats with :attr:`Node.op`; a
+host that must keep the model's structure turns them off). Each rule checks its conditions on the graph alone and,
+when one fails, says which and where.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
-from bnfold.discover.graph import Branch, Factor, Fold, Merge, Node, Part, Skip
+from bnfold.discover.nodes import Branch, Factor, Fold, Merge, Node, Part
+from bnfold.discover.reasons import Reason
 from bnfold.layers import LayerRef
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One way a BN folds into the layers next to it.
+
+    ``pattern(bn_node, nodes)``: the neighbour it would fold into or through (None: the rule does not apply);
+    ``check(bn_node, neighbour, nodes)``: why it cannot (None: it can); ``action(bn_node, neighbour, nodes)``: the
+    fold, once the check passed. ``structural``: the rule needs the Adds and Concats of the graph.
+    """
+
+    name: str
+    pattern: Callable[[Node, dict[int, Node]], Node | None]
+    check: Callable[[Node, Node, dict[int, Node]], Reason | None]
+    action: Callable[[Node, Node, dict[int, Node]], Fold]
+    structural: bool = False
+
+    def apply(self, bn_node: Node, nodes: dict[int, Node]) -> Fold | Reason | None:
+        """The fold, or why there is none; None when the pattern does not match."""
+        neighbour = self.pattern(bn_node, nodes)
+        if neighbour is None:
+            return None
+        return self.check(bn_node, neighbour, nodes) or self.action(bn_node, neighbour, nodes)
+
+
+def bn_reason(bn_node: Node) -> Reason | None:
+    """Why the BN cannot fold whatever its neighbours; None when the rules decide."""
+    bn = bn_node.bn
+    assert bn is not None
+    if bn_node.refusal is not None:
+        return bn_node.refusal
+    if bn.batch_stats:
+        return Reason("batch-statistics", "normalises with batch statistics even in eval (track_running_stats=False "
+                                          "or no running statistics): there are no fixed statistics to fold")
+    if bn_node.calls > 1:
+        return Reason("bn-reused", f"runs {bn_node.calls} times per forward: one set of statistics cannot be folded "
+                                   "into several producers")
+    return None
+
+
+def not_adjacent(bn_node: Node, nodes: dict[int, Node]) -> Reason:
+    """The reason of a BN that no rule's pattern matches."""
+    src = nodes.get(bn_node.input) if bn_node.input is not None else None
+    src_label = src.label if src is not None else "a model input"
+    users = ", ".join(nodes[u].label for u in bn_node.users) or "nothing"
+    return Reason("not-adjacent", f"not next to a conv/linear: input from {src_label}, output to {users} (folding "
+                                  "needs conv/linear -> BN, or BN -> linear / unpadded conv)")
+
+
+def _source(bn_node: Node, nodes: dict[int, Node]) -> Node | None:
+    return nodes.get(bn_node.input) if bn_node.input is not None else None
+
+
+def _linear_rank(layer: LayerRef, rank: int | None) -> Reason | None:
+    """A BN after a Linear whose output is not of rank 2 normalises another axis than its features."""
+    if layer.kind == "linear" and rank not in (None, 2):
+        return Reason("linear-rank", f"{layer.name} output has rank {rank}: the BN normalises axis 1, not the "
+                                     "Linear's feature axis")
+    return None
+
+
+# -- conv/linear -> BN --------------------------------------------------------------------------------------
+def _producer(bn_node: Node, nodes: dict[int, Node]) -> Node | None:
+    """The layer feeding the BN, or a node feeding it that refuses every fold."""
+    src = _source(bn_node, nodes)
+    return src if src is not None and (src.layer is not None or src.refusal is not None) else None
+
+
+def _check_after(bn_node: Node, src: Node, nodes: dict[int, Node]) -> Reason | None:
+    layer = src.layer
+    if layer is None:
+        assert src.refusal is not None
+        return Reason(src.refusal.code, f"follows {src.label}, whose {src.refusal.text}")
+    if src.calls > 1:
+        return Reason("layer-reused", f"producer {layer.name} runs {src.calls} times per forward (shared weights): "
+                                      "folding would change every call")
+    others = [nodes[u].label for u in src.users if u != bn_node.key]
+    if others or src.is_output:
+        where = ", ".join(others + (["the model output"] if src.is_output else []))
+        return Reason("shared-output", f"output of {layer.name} also feeds {where}: folding would change what "
+                                       "those see")
+    return _linear_rank(layer, bn_node.in_rank)
+
+
+def _fold_after(bn_node: Node, src: Node, nodes: dict[int, Node]) -> Fold:
+    return Fold(bn_node.bn, src.layer, "after")
+
+
+AFTER = Rule("after", _producer, _check_after, _fold_after)
+
+
+# -- BN -> linear / unpadded conv ---------------------------------------------------------------------------
+def _consumer(bn_node: Node, nodes: dict[int, Node]) -> Node | None:
+    """The one node reading the BN's output as its data input: a layer (not a transposed conv), or a node that
+    refuses every fold."""
+    if len(bn_node.users) != 1 or bn_node.is_output:
+        return None
+    dst = nodes[bn_node.users[0]]
+    if dst.input != bn_node.key:
+        return None
+    if dst.layer is None:
+        return dst if dst.refusal is not None else None
+    return dst if dst.layer.kind != "conv_transpose" else None
+
+
+def _check_before(bn_node: Node, dst: Node, nodes: dict[int, Node]) -> Reason | None:
+    layer = dst.layer
+    if layer is None:
+        assert dst.refusal is not None
+        return Reason(dst.refusal.code, f"feeds {dst.label}, whose {dst.refusal.text}")
+    if not bn_node.bn.plain:
+        return Reason("activation", f"applies an activation after normalising, before {layer.name}: cannot fold "
+                                    "forward")
+    if dst.calls > 1:
+        return Reason("layer-reused", f"consumer {layer.name} runs {dst.calls} times per forward (shared weights)")
+    if layer.padded:
+        return Reason("padding", f"feeds padded conv {layer.name}: its padded zeros are not normalised, so folding "
+                                 "would not be exact")
+    if layer.kind == "linear" and dst.in_rank not in (None, 2):
+        return Reason("linear-rank", f"feeds {layer.name} with a rank-{dst.in_rank} input: the BN channels are not "
+                                     "the Linear's input features")
+    return None
+
+
+def _fold_before(bn_node: Node, dst: Node, nodes: dict[int, Node]) -> Fold:
+    return Fold(bn_node.bn, dst.layer, "before")
+
+
+BEFORE = Rule("before", _consumer, _check_before, _fold_before)
+
+
+# -- shared helpers of the structural rules -----------------------------------------------------------------
 def out_channels(layer: LayerRef) -> int | None:
     """The layer's output channels, from its weight shape in torch's layout."""
     if layer.shape is None:
@@ -122,7 +263,7 @@ def _label(raw: _Raw) -> str:
     return "a constant" if raw.leaf.ident is None else f"'{raw.leaf.ident}'"
 
 
-def find_merges(nodes: dict[int, Node]) -> tuple[list[Merge], dict[str, str]]:
+def find_merges(nodes: dict[int, Node]) -> tuple[list[Merge], dict[str, Reason]]:
     """Every re-parameterisable sum (merges), and for blocks that look like one but cannot merge, a reason for
     each BN on a branch without a conv (the others still fold into their conv).
 
@@ -132,7 +273,7 @@ def find_merges(nodes: dict[int, Node]) -> tuple[list[Merge], dict[str, str]]:
     each branch's BN already): it removes convs, not BNs.
     """
     merges: list[Merge] = []
-    reasons: dict[str, str] = {}
+    reasons: dict[str, Reason] = {}
     consumed: set[int] = set()
     for root in sorted(nodes.values(), key=lambda n: n.key, reverse=True):
         if root.op not in ("add", "sub") or not root.name or root.key in consumed:
@@ -152,8 +293,8 @@ def find_merges(nodes: dict[int, Node]) -> tuple[list[Merge], dict[str, str]]:
         else:
             for raw in raws:
                 if raw.bn is not None and raw.conv is None:
-                    reasons.setdefault(raw.bn.bn.name,
-                                       f"on a branch of {root.label} that cannot merge into one conv: {merged}")
+                    reasons.setdefault(raw.bn.bn.name, Reason(
+                        "unmergeable-branch", f"on a branch of {root.label} that cannot merge into one conv: {merged}"))
     merged_bns = {b.bn.name for m in merges for b in m.branches if b.bn}
     return merges, {bn: why for bn, why in reasons.items() if bn not in merged_bns}
 
@@ -258,60 +399,90 @@ def apply_merges(nodes: dict[int, Node], merges: list[Merge]) -> dict[int, Node]
 
 
 # -- folding through a Concat or an Add ---------------------------------------------------------------------
-def through(bn_node: Node, src: Node, nodes: dict[int, Node]) -> Fold | Skip:
-    """The fold of a BN whose input is the Concat or Add ``src``, or why it does not fold."""
-    bn = bn_node.bn
-    assert bn is not None and src.op in ("add", "concat")
+def _sum(bn_node: Node, nodes: dict[int, Node]) -> Node | None:
+    """The Concat or Add feeding the BN."""
+    src = _source(bn_node, nodes)
+    return src if src is not None and src.op in ("add", "concat") else None
+
+
+def _sum_operands(src: Node, nodes: dict[int, Node]) -> tuple[list[tuple[str | None, int | None]], set[int]]:
+    """The operands the BN's share goes to, and the nodes that may read them (the Concat, or the tree of Adds)."""
+    if src.op == "concat":
+        return src.operands, {src.key}
+    operands, inner = _add_tree(src, nodes)
+    return operands, {src.key, *inner}
+
+
+def _operand_channels(producer: Node) -> int | None:
+    return out_channels(producer.layer) or producer.channels
+
+
+def _check_through(bn_node: Node, src: Node, nodes: dict[int, Node]) -> Reason | None:
     what = "Concat" if src.op == "concat" else "Add"
     if not _only_reader(src, {bn_node.key}):
         others = [nodes[u].label for u in src.users if u != bn_node.key]
         others += ["the model output"] if src.is_output else []
-        return Skip(bn.name, f"follows {what} {src.label}, whose output also feeds {', '.join(others)}: folding "
-                             "would change what those see")
-    if src.op == "concat":
-        if src.axis != 1:
-            return Skip(bn.name, f"follows {what} {src.label} on axis {src.axis}, not the channel axis")
-        operands, readers = src.operands, {src.key}
-    else:
-        operands, inner = _add_tree(src, nodes)
-        readers = {src.key, *inner}
-    parts: list[Part] = []
-    start = 0
+        return Reason("shared-output", f"follows {what} {src.label}, whose output also feeds {', '.join(others)}: "
+                                       "folding would change what those see")
+    if src.op == "concat" and src.axis != 1:
+        return Reason("concat-axis", f"follows {what} {src.label} on axis {src.axis}, not the channel axis")
+    operands, readers = _sum_operands(src, nodes)
     keys = [key for _, key in operands]
+    total = 0
     for ident, key in operands:
         producer = nodes.get(key) if key is not None else None
         if producer is None or producer.layer is None:
             label = producer.label if producer is not None else (ident or "a constant")
-            reason = (f", whose {producer.refusal}" if producer is not None and producer.refusal else
-                      " (a conv/linear output used only there)")
-            return Skip(bn.name, f"follows {what} {src.label}: its operand {label} is not a layer that can take "
-                                 f"its share of the BN{reason}")
+            refusal = producer.refusal if producer is not None else None
+            code, detail = ((refusal.code, f", whose {refusal.text}") if refusal is not None else
+                            ("not-a-layer", " (a conv/linear output used only there)"))
+            return Reason(code, f"follows {what} {src.label}: its operand {label} is not a layer that can take its "
+                                f"share of the BN{detail}")
         layer = producer.layer
         if not _only_reader(producer, readers) or keys.count(key) > 1 or producer.calls > 1:
-            return Skip(bn.name, f"follows {what} {src.label}: the output of its operand {layer.name} is also used "
-                                 "elsewhere (or it runs more than once), so it cannot be rescaled")
-        if layer.kind == "linear" and bn_node.in_rank not in (None, 2):
-            return Skip(bn.name, f"{layer.name} output has rank {bn_node.in_rank}: the BN normalises axis 1, not "
-                                 "the Linear's feature axis")
+            return Reason("shared-output", f"follows {what} {src.label}: the output of its operand {layer.name} is "
+                                           "also used elsewhere (or it runs more than once), so it cannot be rescaled")
+        wrong_rank = _linear_rank(layer, bn_node.in_rank)
+        if wrong_rank is not None:
+            return wrong_rank
         if producer.rank is not None and bn_node.in_rank is not None and producer.rank != bn_node.in_rank:
-            return Skip(bn.name, f"follows {what} {src.label}: operand {layer.name} has rank {producer.rank}, the "
-                                 f"sum rank {bn_node.in_rank} (broadcast across axes)")
-        channels = out_channels(layer) or producer.channels
+            return Reason("broadcast", f"follows {what} {src.label}: operand {layer.name} has rank {producer.rank}, "
+                                       f"the sum rank {bn_node.in_rank} (broadcast across axes)")
+        channels = _operand_channels(producer)
         if channels is None:
-            return Skip(bn.name, f"follows {what} {src.label}: the channel count of {layer.name} is unknown")
-        if src.op == "concat":
-            parts.append(Part(layer, (start, start + channels)))
+            return Reason("unknown-shape", f"follows {what} {src.label}: the channel count of {layer.name} is "
+                                           "unknown")
+        if src.op == "add" and bn_node.channels is not None and channels != bn_node.channels:
+            return Reason("broadcast", f"follows {what} {src.label}: operand {layer.name} has {channels} channels, "
+                                       f"the BN {bn_node.channels} (broadcast across channels)")
+        total += channels
+    if src.op == "concat" and bn_node.channels is not None and total != bn_node.channels:
+        return Reason("channel-mismatch", f"follows {what} {src.label}: its operands have {total} channels, the BN "
+                                          f"{bn_node.channels}")
+    return None
+
+
+def _fold_through(bn_node: Node, src: Node, nodes: dict[int, Node]) -> Fold:
+    """Each operand's share: its slice of the BN's channels (Concat), or the scale, one of them the shift too (Add)."""
+    operands, _ = _sum_operands(src, nodes)
+    producers = [nodes[key] for _, key in operands]
+    parts: list[Part] = []
+    if src.op == "concat":
+        start = 0
+        for producer in producers:
+            channels = _operand_channels(producer)
+            parts.append(Part(producer.layer, (start, start + channels)))
             start += channels
-        else:
-            if bn_node.channels is not None and channels != bn_node.channels:
-                return Skip(bn.name, f"follows {what} {src.label}: operand {layer.name} has {channels} channels, "
-                                     f"the BN {bn_node.channels} (broadcast across channels)")
-            parts.append(Part(layer, None, shift=False))
-    if src.op == "concat" and bn_node.channels is not None and start != bn_node.channels:
-        return Skip(bn.name, f"follows {what} {src.label}: its operands have {start} channels, the BN "
-                             f"{bn_node.channels}")
-    if src.op == "add":  # one operand takes the shift: one that has a bias, else one that can get one
+    else:  # one operand takes the shift: one that has a bias, else one that can get one
+        parts = [Part(producer.layer, None, shift=False) for producer in producers]
         pick = next((i for i, p in enumerate(parts) if p.layer.bias), None)
         pick = pick if pick is not None else next((i for i, p in enumerate(parts) if p.layer.module), 0)
         parts[pick] = dataclasses.replace(parts[pick], shift=True)
-    return Fold(bn, parts[0].layer, src.op, parts=tuple(parts))
+    return Fold(bn_node.bn, parts[0].layer, src.op, parts=tuple(parts))
+
+
+THROUGH = Rule("through", _sum, _check_through, _fold_through, structural=True)
+
+#: The rules :func:`bnfold.discover.graph.pair` tries on each BN, in order: the first fold wins, and the first
+#: reason is the one reported (the one about the producer: the fold the user most likely expected).
+RULES: tuple[Rule, ...] = (AFTER, THROUGH, BEFORE)

@@ -147,7 +147,7 @@ def apply_plan(host: TensorHost, folds: list[Fold], merges: list[Merge] = ()) ->
                     raise CannotFold(f"{failed.target.name} was to be the merge of {failed.label}, which did not happen")
                 apply_fold(host, claim(host, fold))
         except CannotFold as exc:
-            refused.append(Skip(fold.bn.name, str(exc)))
+            refused.append(Skip(fold.bn.name, str(exc), "refused"))
         else:
             applied.append(fold)
     host.finish()

@@ -133,6 +133,6 @@ def _revert_failing(reference: nn.Module, folds: list[Fold], cases: list[Case], 
             worst = min(results, key=bool).worst()
             figure = f" ({worst.figure()})" if worst else ""
             reverted.append(Skip(fold.bn.name, f"reverted: folding into {fold.layer.name} changed the outputs{figure}; "
-                                               "the layer's output is probably also used on another code path"))
+                                               "the layer's output is probably also used on another code path", "reverted"))
     model, applied, _ = _apply(reference, kept, host_type)
     return model, applied, reverted

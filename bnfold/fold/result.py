@@ -35,7 +35,7 @@ class FuseResult:
             "discovery": self.discovery,
             "was_training": self.was_training,
             "folded": [f.to_dict() for f in self.folded],
-            "skipped": [{"bn": s.bn, "reason": s.reason} for s in self.skipped],
+            "skipped": [s.to_dict() for s in self.skipped],
             "parity": [c.to_dict() for c in self.parity],
             "notes": list(self.notes),
             "timings": dict(self.timings),

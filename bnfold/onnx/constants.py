@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnfold.onnx.graph import GraphIndex
+
 FOLDABLE_OPS = frozenset({
     "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast", "Add", "Sub", "Mul", "Div", "Neg",
     "Abs", "Sqrt", "Reciprocal", "Pow", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceMax",
@@ -31,31 +33,29 @@ _LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 def computed_weights(model: onnx.ModelProto) -> bool:
     """Whether some layer reads a weight or bias that a non-Constant node computes (cheap: no evaluation)."""
-    graph = model.graph
-    computed = {name for node in graph.node if node.op_type != "Constant" for name in node.output if name}
-    return any(name in computed for node in graph.node if node.op_type in _LAYER_OPS for name in node.input[1:3])
+    index = GraphIndex.of(model.graph)
+    return any(_computed(index, name) for node in index.nodes if node.op_type in _LAYER_OPS for name in node.input[1:3])
+
+
+def _computed(index: GraphIndex, name: str) -> bool:
+    """Whether a node other than a ``Constant`` writes ``name``."""
+    return name in index.producer and index.nodes[index.producer[name]].op_type != "Constant"
 
 
 def fold_constant_weights(model: onnx.ModelProto) -> list[str]:
     """Replace, in place, every computed layer weight or bias that is a pure function of constants by its value;
     returns a note per replacement."""
     graph = model.graph
-    producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
-    readers: dict[str, set[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            readers.setdefault(name, set()).add(i)
-    inputs = {i.name for i in graph.input}
-    initializers = {t.name: t for t in graph.initializer if t.name not in inputs}
-    outputs = {o.name for o in graph.output}
+    index = GraphIndex.of(graph)
+    initializers = {name: t for name, t in index.initializers.items() if name not in index.inputs}
     notes: list[str] = []
     drop: set[int] = set()
     values: list[onnx.TensorProto] = []
-    for index, node in enumerate(graph.node):
+    for position, node in enumerate(index.nodes):
         if node.op_type not in _LAYER_OPS or node.domain not in ("", "ai.onnx"):
             continue
         for name in list(node.input[1:3]):
-            chain = _chain(graph, name, producer, readers, initializers, outputs, index)
+            chain = _chain(index, name, initializers, position)
             if not chain or chain & drop:
                 continue
             value = _evaluate(model, sorted(chain), name, initializers)
@@ -63,51 +63,52 @@ def fold_constant_weights(model: onnx.ModelProto) -> list[str]:
                 continue
             drop |= chain
             values.append(numpy_helper.from_array(value, name))
-            label = node.name or f"{node.op_type}#{index}"
-            notes.append(f"{label}: its input '{name}' is computed from constants alone ({len(chain)} node(s): "
-                         f"{', '.join(sorted({graph.node[i].op_type for i in chain}))}); it was evaluated once so "
-                         "that a BN can fold into it")
+            notes.append(f"{index.labels[position]}: its input '{name}' is computed from constants alone "
+                         f"({len(chain)} node(s): {', '.join(sorted({index.nodes[i].op_type for i in chain}))}); it "
+                         "was evaluated once so that a BN can fold into it")
     if drop:
         kept = [n for i, n in enumerate(graph.node) if i not in drop]
         del graph.node[:]
         graph.node.extend(kept)
         graph.initializer.extend(values)
-        used = {name for n in graph.node for name in n.input} | outputs
-        kept_init = [t for t in graph.initializer if t.name in used or t.name in inputs]
+        used = {name for n in graph.node for name in n.input} | set(index.outputs) | set(index.nested)
+        kept_init = [t for t in graph.initializer if t.name in used or t.name in index.inputs]
         if len(kept_init) != len(graph.initializer):
             del graph.initializer[:]
             graph.initializer.extend(kept_init)
     return notes
 
 
-def _chain(graph: onnx.GraphProto, name: str, producer: dict[str, int], readers: dict[str, set[int]],
-           initializers: dict[str, onnx.TensorProto], outputs: set[str], layer: int) -> set[int]:
-    """The nodes computing ``name`` from constants, each read only inside the chain or by ``layer``; empty when
-    ``name`` is not such a value."""
-    if not name or name not in producer or graph.node[producer[name]].op_type == "Constant":
+def _chain(index: GraphIndex, name: str, initializers: dict[str, onnx.TensorProto], layer: int) -> set[int]:
+    """The nodes computing ``name`` from constants, each read only inside the chain or by ``layer`` (never as a
+    graph output, and but for ``name``, which stays defined as an initializer, never inside a subgraph); empty
+    when ``name`` is not such a value."""
+    if not name or not _computed(index, name):
         return set()
     chain: set[int] = set()
-    stack = [producer[name]]
+    stack = [index.producer[name]]
     while stack:
-        index = stack.pop()
-        if index in chain:
+        position = stack.pop()
+        if position in chain:
             continue
-        node = graph.node[index]
+        node = index.nodes[position]
         if (node.op_type not in FOLDABLE_OPS or node.domain not in ("", "ai.onnx")
                 or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)):
             return set()
-        chain.add(index)
+        chain.add(position)
         if len(chain) > MAX_NODES:
             return set()
         for source in node.input:
             if not source or source in initializers:
                 continue
-            if source not in producer:
+            if source not in index.producer:
                 return set()  # a graph input: not a constant
-            stack.append(producer[source])
-    for index in chain:
-        for out in graph.node[index].output:
-            if out and (out in outputs or not readers.get(out, set()) <= chain | {layer}):
+            stack.append(index.producer[source])
+    for position in chain:
+        for out in index.nodes[position].output:
+            readers = {reader for reader, _ in index.readers.get(out, ())}
+            nested = out != name and out in index.nested
+            if out and (out in index.outputs or nested or not readers <= chain | {layer}):
                 return set()
     return chain
 

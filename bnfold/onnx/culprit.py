@@ -85,7 +85,7 @@ from torch.utils._pytree import tree_flatten
 
 from bnfold.compare import OutputDiff, check_tolerance, compare_output, flatten_outputs
 from bnfold.errors import BnfoldError, first_line
-from bnfold.onnx.graph import graph_inputs
+from bnfold.onnx.graph import GraphIndex
 from bnfold.runtime import run_model
 
 __all__ = ["Divergence", "find_divergence"]
@@ -102,7 +102,7 @@ _REPEAT = re.compile(r"(.+)_(\d+)")  # the TorchScript exporter's suffix on a sc
 class Divergence:
     """Where the ONNX graph first stops computing what the eval model does."""
 
-    onnx_node: str  # ONNX node name (OpType#index when unnamed)
+    onnx_node: str  # ONNX node label (bnfold.onnx.graph.node_labels: OpType#index when unnamed)
     op_type: str
     module: str  # dotted torch module path ("" the model itself)
     diff: OutputDiff  # that node's output compared with the module's output
@@ -138,7 +138,7 @@ def find_divergence(model_path: Path, torch_model: nn.Module, inputs: tuple[torc
     model_path = Path(model_path)
     calls, outputs = _record_calls(torch_model, inputs)
     model = onnx.load(str(model_path), load_external_data=False)
-    graph = _Graph.of(model.graph)
+    graph = GraphIndex.of(model.graph)
     exporter = _map_nodes(graph, calls)
     if exporter is None:
         return None
@@ -239,32 +239,7 @@ def _record_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[l
 
 
 # -- ONNX side -----------------------------------------------------------------------------------------------
-def _node_name(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}#{index}"
-
-
-@dataclass(frozen=True)
-class _Graph:
-    """What the search asks of the top-level graph, indexed once."""
-
-    nodes: list[onnx.NodeProto]
-    producer: dict[str, int]  # tensor name -> index of the node that computes it
-    consumers: dict[str, list[int]]
-    inputs: list[str]  # the graph inputs fed at run time (not initializers)
-    outputs: tuple[str, ...]  # the graph's own outputs (before any are added), in order
-
-    @classmethod
-    def of(cls, graph: onnx.GraphProto) -> _Graph:
-        producer, consumers = {}, {}
-        for index, node in enumerate(graph.node):
-            producer.update((name, index) for name in node.output if name)
-            for name in node.input:
-                consumers.setdefault(name, []).append(index)
-        return cls(list(graph.node), producer, consumers, [i.name for i in graph_inputs(graph)],
-                   tuple(o.name for o in graph.output))
-
-
-def _expose_all(model: onnx.ModelProto, graph: _Graph) -> None:
+def _expose_all(model: onnx.ModelProto, graph: GraphIndex) -> None:
     """Make every node output a graph output, typed where shape inference knows the type (shape left open:
     onnxruntime checks a declared shape, and the inferred ones may be symbolic)."""
     try:
@@ -282,7 +257,7 @@ def _expose_all(model: onnx.ModelProto, graph: _Graph) -> None:
                 info.type.tensor_type.ClearField("shape")
 
 
-def _run_all(model: onnx.ModelProto, inputs: tuple[torch.Tensor, ...], graph: _Graph,
+def _run_all(model: onnx.ModelProto, inputs: tuple[torch.Tensor, ...], graph: GraphIndex,
              base_dir: Path) -> dict[str, np.ndarray]:
     """Every tensor of one run as written (no graph optimisations), the fed inputs included, by name."""
     import onnxruntime as ort  # slow to import; only a diagnosis needs it in this process
@@ -292,7 +267,7 @@ def _run_all(model: onnx.ModelProto, inputs: tuple[torch.Tensor, ...], graph: _G
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, str(base_dir.resolve()))
-    feeds = {name: tensor.detach().cpu().numpy() for name, tensor in zip(graph.inputs, inputs)}
+    feeds = {name: tensor.detach().cpu().numpy() for name, tensor in zip(graph.fed, inputs)}
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
@@ -344,9 +319,8 @@ def _resolve(key: tuple[str, ...], keys: dict[tuple[str, ...], list[_Call]]) -> 
     return None
 
 
-def _pieces(nodes: list[int], graph: _Graph) -> list[list[int]]:
+def _pieces(nodes: list[int], graph: GraphIndex) -> list[list[int]]:
     """``nodes`` split into connected pieces (by tensors passed between them), ordered by their first node."""
-    owner = {name: i for i in nodes for name in graph.nodes[i].output}
     root = {i: i for i in nodes}
 
     def find(i: int) -> int:
@@ -357,8 +331,8 @@ def _pieces(nodes: list[int], graph: _Graph) -> list[list[int]]:
 
     for i in nodes:
         for name in graph.nodes[i].input:
-            if name in owner:
-                root[find(i)] = find(owner[name])
+            if graph.producer.get(name) in root:
+                root[find(i)] = find(graph.producer[name])
     pieces: dict[int, list[int]] = {}
     for i in sorted(nodes):
         pieces.setdefault(find(i), []).append(i)
@@ -375,7 +349,7 @@ def _innermost_common(calls: list[_Call]) -> _Call:
     return common
 
 
-def _map_nodes(graph: _Graph, calls: list[_Call]) -> str | None:
+def _map_nodes(graph: GraphIndex, calls: list[_Call]) -> str | None:
     """Give every call the indices of the nodes of its scope, nested calls included (module docstring).
 
     Returns the exporter whose scopes most nodes carry ("ts" or "dynamo"), None when no node maps.
@@ -452,9 +426,9 @@ def _groups(calls: list[_Call], fused_first: bool) -> list[list[_Call]]:
     return [group_of[c] for c in calls if c not in taken]
 
 
-def _leaving(graph: _Graph, nodes: set[int], name: str) -> bool:
+def _leaving(graph: GraphIndex, nodes: set[int], name: str) -> bool:
     """Whether tensor ``name`` is read outside ``nodes`` (or is a graph output)."""
-    return name in graph.outputs or any(i not in nodes for i in graph.consumers.get(name, ()))
+    return name in graph.outputs or any(i not in nodes for i, _ in graph.readers.get(name, ()))
 
 
 def _floating(array: np.ndarray | None, shape: tuple[int, ...] | None = None) -> bool:
@@ -462,7 +436,7 @@ def _floating(array: np.ndarray | None, shape: tuple[int, ...] | None = None) ->
             and (shape is None or array.shape == shape))
 
 
-def _output_node(graph: _Graph, arrays: dict[str, np.ndarray], nodes: set[int], shape: tuple[int, ...]
+def _output_node(graph: GraphIndex, arrays: dict[str, np.ndarray], nodes: set[int], shape: tuple[int, ...]
                  ) -> tuple[int, str] | None:
     """The node (and tensor) standing for a call's output: the last of ``nodes`` with an output of ``shape``,
     one read outside the call first."""
@@ -471,7 +445,7 @@ def _output_node(graph: _Graph, arrays: dict[str, np.ndarray], nodes: set[int], 
     return max(found)[1:] if found else None
 
 
-def _input_tensor(graph: _Graph, arrays: dict[str, np.ndarray], nodes: set[int], shape: tuple[int, ...]
+def _input_tensor(graph: GraphIndex, arrays: dict[str, np.ndarray], nodes: set[int], shape: tuple[int, ...]
                   ) -> str | None:
     """The tensor entering ``nodes`` that stands for the call's input: the first, in node order, computed
     outside them (or fed), of ``shape``; constants are not inputs."""
@@ -490,7 +464,7 @@ class _Search:
     """One diagnosis: the torch calls, the graph and every tensor of its run, and the tolerances."""
 
     calls: list[_Call]  # completion order
-    graph: _Graph
+    graph: GraphIndex
     arrays: dict[str, np.ndarray]
     atol: float | None
     rtol: float | None
@@ -545,7 +519,7 @@ class _Search:
         if diff.passed or tensor not in self.graph.producer:
             return None
         span = self.span(self.graph.producer[tensor])
-        names = tuple(_node_name(self.graph.nodes[i], i) for i in span)
+        names = tuple(self.graph.labels[i] for i in span)
         return self.divergence(span[0], self.owner(span[0]), diff, before=before, span=names if len(names) > 1 else ())
 
     def span(self, source: int) -> list[int]:
@@ -571,5 +545,4 @@ class _Search:
         return max(holders, key=lambda c: len(c.path())).name if holders else ""
 
     def divergence(self, index: int, module: str, diff: OutputDiff, **extra: Any) -> Divergence:
-        node = self.graph.nodes[index]
-        return Divergence(_node_name(node, index), node.op_type, module, diff, **extra)
+        return Divergence(self.graph.labels[index], self.graph.nodes[index].op_type, module, diff, **extra)

@@ -8,6 +8,10 @@ constant (a graph input, an initializer also listed as a graph input, the output
 (opsets 7 and 8), ``training_mode=1``, a Gemm with ``transA=1`` (its input rows are not features), a MatMul
 without a constant 2-D weight or of unknown rank.
 
+A graph is indexed in one place, :class:`GraphIndex` (producer and readers of every name, constants, inputs,
+outputs), and its nodes are labelled in one place, :func:`node_labels`; every module that walks an ONNX graph
+uses the two (lint, constant weights, the BN010 culprit search, export's list of BNs left in).
+
 Tensors are named by their ONNX names (initializers and ``Constant`` outputs). :class:`OnnxHost` presents
 each tensor in the layout torch uses for the same layer, in float64, and writes results back in the stored
 dtype and layout, so that :mod:`bnfold.fold.math` and :func:`bnfold.fold.apply.apply_fold` serve ONNX as
@@ -16,6 +20,7 @@ they serve modules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -28,6 +33,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from bnfold.discover.graph import Discovery, Factor, Fold, Merge, Node, Skip, pair
+from bnfold.discover.reasons import Reason
 from bnfold.discover.rules import per_channel
 from bnfold.errors import LoadError
 from bnfold.fold.apply import CannotFold
@@ -55,11 +61,6 @@ _PADDING_AUTO = ("SAME_UPPER", "SAME_LOWER")  # auto_pad values that pad (NOTSET
 _SHAPE_ONLY_ABOVE = 1024
 
 
-def node_label(node: onnx.NodeProto, index: int) -> str:
-    """What a user sees for a node: its name, or ``OpType#index`` when it has none (see :func:`node_labels`)."""
-    return node.name or f"{node.op_type}#{index}"
-
-
 def graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """The inputs a caller feeds (initializers listed as inputs, IR < 4, have defaults and are left out)."""
     initializers = {t.name for t in graph.initializer}
@@ -67,9 +68,10 @@ def graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
 
 
 def node_labels(nodes: Sequence[onnx.NodeProto]) -> list[str]:
-    """One label per node, unique: names need not be (nor differ from another node's ``OpType#index``), and
-    folds are applied by label, so a label shared by two nodes is suffixed with ``@index`` on both."""
-    labels = [node_label(node, index) for index, node in enumerate(nodes)]
+    """What a user sees for each node, the one labelling bnfold uses: its name, or ``OpType#index`` when it has
+    none. Unique: names need not be (nor differ from another node's ``OpType#index``), and folds are applied by
+    label, so a label shared by two nodes is suffixed with ``@index`` on both."""
+    labels = [node.name or f"{node.op_type}#{index}" for index, node in enumerate(nodes)]
     counts = Counter(labels)
     return [f"{label}@{index}" if counts[label] > 1 else label for index, label in enumerate(labels)]
 
@@ -84,11 +86,14 @@ def _type_name(data_type: int) -> str:
 
 
 # -- what onnx versions and domains bnfold takes ---------------------------------------------------------------
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for graph_attr in _subgraphs(node):
-            yield from _all_nodes(graph_attr)
+def _labelled(graph: onnx.GraphProto, prefix: str = "") -> Iterator[tuple[str, onnx.NodeProto]]:
+    """Every node of ``graph`` and of its subgraphs with its label; a subgraph's nodes are labelled under the
+    node that holds them (``If#3/Conv#0``)."""
+    for label, node in zip(node_labels(graph.node), graph.node):
+        label = f"{prefix}/{label}" if prefix else label
+        yield label, node
+        for sub in _subgraphs(node):
+            yield from _labelled(sub, label)
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -120,13 +125,13 @@ def check_supported(model: onnx.ModelProto) -> None:
         raise LoadError(f"opset {default} is newer than the installed onnx {onnx.__version__} knows (up to "
                         f"{MAX_OPSET})", "upgrade onnx (pip install -U onnx), or export with an older opset")
     local = {f.domain for f in model.functions}
-    for index, node in enumerate(_all_nodes(model.graph)):
+    for label, node in _labelled(model.graph):
         domain = node.domain or "ai.onnx"
         if node.domain in local or onnx.defs.has(node.op_type, "" if domain == "ai.onnx" else domain):
             continue
         what = (f"operator {node.op_type} is not a standard ONNX operator" if domain == "ai.onnx" else
                 f"operator {node.op_type} comes from domain '{domain}', which onnx does not know")
-        raise LoadError(f"node {node_label(node, index)}: {what}",
+        raise LoadError(f"node {label}: {what}",
                         "bnfold folds standard ONNX graphs: fold before converting to a runtime-specific graph "
                         "(onnxruntime's com.microsoft operators, TensorRT plugins)")
 
@@ -138,6 +143,10 @@ class _Const:
 
     data_type: int
     shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensor: TensorProto) -> _Const:
+        return cls(tensor.data_type, tuple(tensor.dims))
 
 
 def _constant_of(node: onnx.NodeProto) -> _Const | None:
@@ -169,69 +178,123 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
 
 @dataclass
 class GraphIndex:
-    """Who produces and who reads every name of the main graph."""
+    """The one index of an ONNX main graph: who writes and who reads every name, its constants, its inputs and
+    outputs, and each node's label (:func:`node_labels`). Nodes are named by their position in :attr:`nodes`.
 
-    constants: dict[str, _Const]  # initializers and Constant node outputs
-    initializers: frozenset[str]
-    inputs: frozenset[str]  # graph inputs (initializers listed as inputs included)
-    outputs: frozenset[str]
-    producer: dict[str, int]  # name -> index of the node writing it
-    readers: dict[str, list[tuple[int, int]]]  # name -> (node index, input slot), top-level reads only
-    nested: dict[str, list[int]]  # name -> indices of nodes whose subgraphs read it
+    Built once (:meth:`of`) by everything that walks a graph (translation, the tensor host, lint, constant
+    weights, the BN010 culprit search, export's safety net). An editor keeps it true: :meth:`editing` around a
+    change to a node's inputs or outputs, :meth:`forget` for a node taken out, :meth:`add` for a new node.
+    Subgraphs are never edited, so what they read (:attr:`nested`) stays as it was; :attr:`constants` holds the
+    types and shapes the graph had when it was indexed, and the initializers a host adds.
+    """
+
+    nodes: list[onnx.NodeProto]  # the main graph's nodes (the graph's own messages: edits show in the graph)
     labels: list[str]
+    constants: dict[str, _Const]  # initializers and Constant node outputs
+    initializers: dict[str, TensorProto]
+    inputs: frozenset[str]  # graph inputs (initializers listed as inputs included)
+    fed: tuple[str, ...]  # the inputs a caller feeds, in order (:func:`graph_inputs`)
+    outputs: dict[str, None]  # graph outputs, in order (a dict as an ordered set)
+    producer: dict[str, int] = field(default_factory=dict)  # name -> position of the node writing it
+    readers: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # name -> (position, input slot)
+    nested: dict[str, list[int]] = field(default_factory=dict)  # name -> positions of nodes whose subgraphs read it
 
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> GraphIndex:
-        constants = {t.name: _Const(t.data_type, tuple(t.dims)) for t in graph.initializer}
-        producer: dict[str, int] = {}
-        readers: dict[str, list[tuple[int, int]]] = {}
-        nested: dict[str, list[int]] = {}
-        for index, node in enumerate(graph.node):
+        index = cls(list(graph.node), node_labels(graph.node), {t.name: _Const.of(t) for t in graph.initializer},
+                    {t.name: t for t in graph.initializer}, frozenset(i.name for i in graph.input),
+                    tuple(i.name for i in graph_inputs(graph)), dict.fromkeys(o.name for o in graph.output))
+        for position, node in enumerate(index.nodes):
             const = _constant_of(node)
             if const is not None:
-                constants[node.output[0]] = const
-            for name in node.output:
-                if name:
-                    producer[name] = index
-            for slot, name in enumerate(node.input):
-                if name:
-                    readers.setdefault(name, []).append((index, slot))
+                index.constants[node.output[0]] = const
+            index._record(position)
             for name in set().union(*map(_subgraph_reads, _subgraphs(node))):
-                nested.setdefault(name, []).append(index)
-        return cls(constants, frozenset(t.name for t in graph.initializer), frozenset(i.name for i in graph.input),
-                   frozenset(o.name for o in graph.output), producer, readers, nested,
-                   node_labels(graph.node))
+                index.nested.setdefault(name, []).append(position)
+        return index
 
-    def not_constant(self, name: str, role: str) -> str | None:
+    def reading(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
+        """The nodes that read ``name`` (top-level reads), each with the input slot it reads it at."""
+        return [(self.nodes[position], slot) for position, slot in self.readers.get(name, ())]
+
+    def tensor(self, name: str) -> TensorProto | None:
+        """The stored value of ``name``: its initializer or its ``Constant`` node's tensor (None for anything
+        else, and for ``value_float(s)`` constants, which hold no tensor)."""
+        if name in self.initializers:
+            return self.initializers[name]
+        position = self.producer.get(name)
+        if position is None or _constant_of(self.nodes[position]) is None:
+            return None
+        value = self.nodes[position].attribute[0]
+        return value.t if value.name == "value" else None
+
+    @contextlib.contextmanager
+    def editing(self, position: int) -> Iterator[onnx.NodeProto]:
+        """The node at ``position``, to change its inputs or outputs in the block; indexed again after it."""
+        self.forget(position)
+        try:
+            yield self.nodes[position]
+        finally:
+            self._record(position)
+
+    def add(self, node: onnx.NodeProto) -> int:
+        """Index ``node``, a new node with a name of its own (the caller places it in the graph); its position."""
+        assert node.name, "a node added to a graph is given a fresh name, which is its label"
+        self.nodes.append(node)
+        self.labels.append(node.name)
+        self._record(len(self.nodes) - 1)
+        return len(self.nodes) - 1
+
+    def forget(self, position: int) -> None:
+        """Forget what the node at ``position`` reads and writes (a node taken out of the graph)."""
+        node = self.nodes[position]
+        for name in node.input:
+            if name:
+                self.readers[name] = [(p, s) for p, s in self.readers[name] if p != position]
+        for name in node.output:
+            if self.producer.get(name) == position:
+                del self.producer[name]
+
+    def _record(self, position: int) -> None:
+        node = self.nodes[position]
+        for slot, name in enumerate(node.input):
+            if name:
+                self.readers.setdefault(name, []).append((position, slot))
+        for name in node.output:
+            if name:
+                self.producer[name] = position
+
+    def not_constant(self, name: str, role: str) -> Reason | None:
         """Why ``name`` is not a constant a fold can rewrite (``role`` names it for the user); None when it is."""
         if name in self.inputs:
             if name in self.initializers:
-                return (f"{role} '{name}' is an initializer also listed as a graph input (a caller can override "
-                        "it at run time): not a constant; remove it from graph.input to fold")
-            return f"{role} '{name}' is a graph input (fed at run time): not a constant"
+                return Reason("not-constant", f"{role} '{name}' is an initializer also listed as a graph input (a "
+                              "caller can override it at run time): not a constant; remove it from graph.input to fold")
+            return Reason("not-constant", f"{role} '{name}' is a graph input (fed at run time): not a constant")
         if name in self.constants:
             return None
         if name in self.producer:
             index = self.producer[name]
-            return f"{role} '{name}' is computed by node {self.labels[index]}: not a constant"
-        return f"{role} '{name}' is not defined in the graph"
+            return Reason("not-constant", f"{role} '{name}' is computed by node {self.labels[index]}: not a constant")
+        return Reason("not-constant", f"{role} '{name}' is not defined in the graph")
 
     def users(self, name: str) -> int:
         """How many reads of ``name`` there are: node inputs, subgraphs, graph outputs."""
         return len(self.readers.get(name, ())) + len(self.nested.get(name, ())) + (name in self.outputs)
 
 
-def _float_param(index: GraphIndex, name: str, role: str) -> str | None:
+def _float_param(index: GraphIndex, name: str, role: str) -> Reason | None:
     """Why ``name`` cannot be a rewritten float parameter; None when it can."""
     reason = index.not_constant(name, role)
     if reason is None and index.constants[name].data_type not in FLOAT_TYPES:
-        reason = (f"{role} '{name}' has element type {_type_name(index.constants[name].data_type)}: only "
-                  "float, float16, bfloat16 and double parameters fold")
+        reason = Reason("not-float", f"{role} '{name}' has element type "
+                        f"{_type_name(index.constants[name].data_type)}: only float, float16, bfloat16 and double "
+                        "parameters fold")
     return reason
 
 
 # -- ONNX graph -> pairing nodes -----------------------------------------------------------------------------
-def _bn_ref(node: onnx.NodeProto, label: str, index: GraphIndex) -> tuple[BNRef, str | None]:
+def _bn_ref(node: onnx.NodeProto, label: str, index: GraphIndex) -> tuple[BNRef, Reason | None]:
     """The BN's reference, and why it cannot fold whatever its neighbours (None: the shared rules decide)."""
     attrs = attributes(node)
     params = list(node.input[1:5])
@@ -239,11 +302,12 @@ def _bn_ref(node: onnx.NodeProto, label: str, index: GraphIndex) -> tuple[BNRef,
     ref = BNRef(name=label, mean=params[2], var=params[3], weight=params[0], bias=params[1],
                 eps=float(attrs.get("epsilon", 1e-5)), batch_stats=training)
     if training:
-        return ref, ("training_mode=1 (or running-statistics outputs): it normalises with batch statistics at "
-                     "inference (BN009), so there are no fixed statistics to fold; re-export the model in eval mode")
+        return ref, Reason("training-mode", "training_mode=1 (or running-statistics outputs): it normalises with "
+                           "batch statistics at inference (BN009), so there are no fixed statistics to fold; "
+                           "re-export the model in eval mode")
     if attrs.get("spatial", 1) == 0:
-        return ref, ("spatial=0: statistics per (channel, position), not per channel, do not fold into a layer's "
-                     "weights; re-export with opset 9 or newer")
+        return ref, Reason("spatial", "spatial=0: statistics per (channel, position), not per channel, do not fold "
+                           "into a layer's weights; re-export with opset 9 or newer")
     reasons = [_float_param(index, name, role) for name, role in zip(params, _BN_ROLES)]
     return ref, next((r for r in reasons if r), None)
 
@@ -255,13 +319,13 @@ def _padded(node: onnx.NodeProto) -> bool:
     return auto_pad in _PADDING_AUTO or any(p != 0 for p in attrs.get("pads", ()))
 
 
-def _bias_add(index: GraphIndex, graph: onnx.GraphProto, matmul: int, features: int) -> tuple[int, str] | None:
+def _bias_add(index: GraphIndex, matmul: int, features: int) -> tuple[int, str] | None:
     """The ``Add`` that adds a per-feature constant to MatMul ``matmul``'s output: (node index, bias name)."""
-    out = graph.node[matmul].output[0]
+    out = index.nodes[matmul].output[0]
     if index.users(out) != 1 or len(index.readers.get(out, ())) != 1:
         return None
     add_index, _ = index.readers[out][0]
-    add = graph.node[add_index]
+    add = index.nodes[add_index]
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
         return None
     other = add.input[1] if add.input[0] == out else add.input[0]
@@ -284,13 +348,14 @@ class Translation:
     notes: list[str] = field(default_factory=list)
 
 
-def _layer_ref(node: onnx.NodeProto, position: int, index: GraphIndex, ranks: dict[str, int],
-               graph: onnx.GraphProto) -> tuple[LayerRef | None, str | None, int | None]:
+def _layer_ref(node: onnx.NodeProto, position: int, index: GraphIndex,
+               ranks: dict[str, int]) -> tuple[LayerRef | None, Reason | None, int | None]:
     """(the layer, why it cannot fold, the index of a bias Add that carries the same layer)."""
     op, label, attrs = node.op_type, index.labels[position], attributes(node)
     inputs = list(node.input) + [""] * 3
     if op == "MatMul" and inputs[0] in index.constants and inputs[1] not in index.constants:
-        return None, f"constant '{inputs[0]}' is its first operand: it is not a layer applied to the data", None
+        return None, Reason("not-a-layer", f"constant '{inputs[0]}' is its first operand: it is not a layer applied "
+                            "to the data"), None
     weight, bias = inputs[1], inputs[2] if op != "MatMul" else ""
     reason = _float_param(index, weight, "weight") or (_float_param(index, bias, "bias") if bias else None)
     if reason:
@@ -302,14 +367,15 @@ def _layer_ref(node: onnx.NodeProto, position: int, index: GraphIndex, ranks: di
                         padded=op == "Conv" and _padded(node), module=label, shape=shape,
                         geometry=_geometry(attrs, shape) if op == "Conv" else None), None, None
     if len(shape) != 2:
-        return None, f"weight '{weight}' has shape {shape}: only a 2-D constant weight folds", None
+        return None, Reason("weight-shape", f"weight '{weight}' has shape {shape}: only a 2-D constant weight "
+                            "folds"), None
     if op == "Gemm":
         torch_shape = shape if attrs.get("transB", 0) == 1 else shape[::-1]
         return LayerRef(label, "linear", weight, bias or None, module=label, shape=torch_shape), None, None
     if ranks.get(inputs[0]) is None:
-        return None, (f"input '{inputs[0]}' has unknown rank, so bnfold cannot tell whether the BN's axis 1 is its "
-                      "feature axis; give the graph inputs a fixed rank"), None
-    found = _bias_add(index, graph, position, shape[1])
+        return None, Reason("unknown-shape", f"input '{inputs[0]}' has unknown rank, so bnfold cannot tell whether "
+                            "the BN's axis 1 is its feature axis; give the graph inputs a fixed rank"), None
+    found = _bias_add(index, position, shape[1])
     bias_node, bias = found if found else (None, None)
     return LayerRef(label, "linear", weight, bias, module=label, shape=shape[::-1]), None, bias_node
 
@@ -376,14 +442,13 @@ def _copy_fields(source, target, skip: str) -> None:
 
 def translate(model: onnx.ModelProto) -> Translation:
     """One pairing node per node of ``model``'s main graph (see the module docstring)."""
-    graph = model.graph
-    index = GraphIndex.of(graph)
+    index = GraphIndex.of(model.graph)
     shapes, notes = _shapes(model)
     ranks = {name: len(shape) for name, shape in shapes.items()}
-    zeros = _zero_constants(graph)
+    zeros = _zero_constants(index)
     nodes: dict[int, Node] = {}
     rows_as_input: set[str] = set()
-    for position, onnx_node in enumerate(graph.node):
+    for position, onnx_node in enumerate(index.nodes):
         label = index.labels[position]
         data = onnx_node.input[0] if onnx_node.input else ""
         node = nodes.setdefault(position, Node(key=position, label=label))
@@ -402,7 +467,7 @@ def translate(model: onnx.ModelProto) -> Translation:
         if standard and onnx_node.op_type == "BatchNormalization":
             node.bn, node.refusal = _bn_ref(onnx_node, label, index)
         elif standard and onnx_node.op_type in _LAYER_OPS and len(onnx_node.input) >= 2:
-            layer, node.refusal, bias_node = _layer_ref(onnx_node, position, index, ranks, graph)
+            layer, node.refusal, bias_node = _layer_ref(onnx_node, position, index, ranks)
             node.layer = layer
             if bias_node is not None:  # the bias Add carries the same layer: a BN after it folds into both
                 nodes[bias_node] = Node(key=bias_node, label=index.labels[bias_node], layer=layer)
@@ -417,21 +482,20 @@ def translate(model: onnx.ModelProto) -> Translation:
             users = nodes[index.producer[name]].users
             users.extend(k for k in containers if k not in users)
     nested = [Skip(label, f"inside a subgraph of {index.labels[pos]}: bnfold folds BatchNormalization in the main "
-                          "graph only")
-              for pos, onnx_node in enumerate(graph.node) for label in _nested_bns(onnx_node, index.labels[pos])]
+                          "graph only", "subgraph")
+              for pos, onnx_node in enumerate(index.nodes) for sub in _subgraphs(onnx_node)
+              for label, inner in _labelled(sub, index.labels[pos]) if inner.op_type == "BatchNormalization"]
     return Translation(nodes, rows_as_input, nested, notes)
 
 
-def _zero_constants(graph: onnx.GraphProto) -> set[str]:
+def _zero_constants(index: GraphIndex) -> set[str]:
     """Zero scalars (an exporter's ``0 + x``): an Add with one adds nothing. Only a scalar or a single-element
     vector: a larger zero tensor could broadcast the sum to another shape."""
-    candidates = [(t.name, t) for t in graph.initializer]
-    candidates += [(n.output[0], n.attribute[0].t) for n in graph.node
-                   if _constant_of(n) is not None and n.attribute[0].name == "value"]
-    inputs = {i.name for i in graph.input}
     found = set()
-    for name, tensor in candidates:
-        if (name in inputs or tuple(tensor.dims) not in ((), (1,)) or tensor.data_location == TensorProto.EXTERNAL
+    for name in index.constants:
+        tensor = index.tensor(name)
+        if (tensor is None or name in index.inputs or tuple(tensor.dims) not in ((), (1,))
+                or tensor.data_location == TensorProto.EXTERNAL
                 or tensor.data_type not in (*FLOAT_TYPES, TensorProto.INT32, TensorProto.INT64)):
             continue
         try:
@@ -472,15 +536,6 @@ def _mark_structure(node: Node, onnx_node: onnx.NodeProto, index: GraphIndex, ze
         node.axis = axis + node.rank if axis < 0 and node.rank is not None else axis
 
 
-def _nested_bns(node: onnx.NodeProto, prefix: str) -> Iterator[str]:
-    for sub in _subgraphs(node):
-        for position, inner in enumerate(sub.node):
-            label = f"{prefix}/{node_label(inner, position)}"
-            if inner.op_type == "BatchNormalization":
-                yield label
-            yield from _nested_bns(inner, label)
-
-
 def plan(found: Translation) -> Discovery:
     """Pair with the shared rules (each node's ``refusal`` included), then apply what only ONNX knows: a BN
     before a Gemm with transA=1 normalises that Gemm's rows, not its features."""
@@ -490,7 +545,7 @@ def plan(found: Translation) -> Discovery:
     for fold in paired.folds:
         if fold.position == "before" and fold.layer.name in found.rows_as_input:
             skips.append(Skip(fold.bn.name, f"feeds Gemm {fold.layer.name} with transA=1: the BN's channels are that "
-                                            "Gemm's output rows, not its input features"))
+                                            "Gemm's output rows, not its input features", "transposed-input"))
         else:
             folds.append(fold)
     return Discovery(folds=folds, skips=skips + found.nested_bns, method="onnx", notes=list(found.notes),
@@ -569,30 +624,20 @@ class OnnxHost:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         graph = model.graph
-        self._nodes = list(graph.node)  # references into the graph: edited in place, listed again by finish()
-        self._by_label = dict(zip(node_labels(self._nodes), self._nodes))
-        self._dropped: set[int] = set()  # id() of removed nodes
-        self._after: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes inserted right after it
-        self._initializers = {t.name: t for t in graph.initializer}
-        self._constants = {n.output[0]: n for n in self._nodes if _constant_of(n) is not None}
-        self._bias_adds: dict[str, tuple[onnx.NodeProto, int]] = {}  # MatMul label -> (Add, slot) added here
-        self._inputs = {i.name for i in graph.input}
-        self._outputs = {o.name for o in graph.output}
-        self._names = set(self._initializers) | self._inputs | self._outputs | {
-            name for node in _all_nodes(graph) for name in (*node.input, *node.output, node.name) if name}
-        # Kept up to date by every edit below. Subgraphs are never edited, so what they read stays as it is.
-        self._readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-        self._producer: dict[str, onnx.NodeProto] = {}
-        self._nested: dict[str, int] = {}
-        for node in self._nodes:
-            self._index(node)
-            for name in set().union(*map(_subgraph_reads, _subgraphs(node))):
-                self._nested[name] = self._nested.get(name, 0) + 1
+        # The graph's nodes by position, edited in place, kept indexed by every edit below, listed again by finish().
+        self._index = GraphIndex.of(graph)
+        self._by_label = {label: position for position, label in enumerate(self._index.labels)}
+        self._written = len(self._index.nodes)  # nodes the graph came with; those after them are added here
+        self._dropped: set[int] = set()  # positions of removed nodes
+        self._after: dict[int, list[int]] = {}  # position -> positions of the nodes inserted right after it
+        self._bias_adds: dict[str, tuple[int, int]] = {}  # MatMul label -> (Add position, slot) added here
+        self._names = set(self._index.initializers) | self._index.inputs | set(self._index.outputs) | {
+            name for _, node in _labelled(graph) for name in (*node.input, *node.output, node.name) if name}
         self.notes: list[str] = []
 
     # -- the host interface of apply_fold
     def get(self, path: str) -> torch.Tensor:
-        layouts = {_layout(node, slot) for node, slot in self._readers.get(path, ())} or {_IDENTITY}
+        layouts = {_layout(node, slot) for node, slot in self._index.reading(path)} or {_IDENTITY}
         if len(layouts) > 1:
             raise CannotFold(f"tensor '{path}' is read in different layouts by several nodes")
         layout = layouts.pop()
@@ -602,61 +647,59 @@ class OnnxHost:
         return value.T if layout.transpose else value
 
     def set(self, path: str, value: torch.Tensor) -> None:
-        readers = self._readers.get(path, [])
+        readers = self._index.reading(path)
         layout = _layout(*readers[0]) if readers else _IDENTITY
-        assert self._reads(path) <= 1, f"{path} is shared: claim() the fold before writing"
+        assert self._index.users(path) <= 1, f"{path} is shared: claim() the fold before writing"
         value = value.T if layout.transpose else value
-        self._write(path, to_stored(value, self._data_type(path)))
+        self._write(path, to_stored(value, self._stored(path).data_type))
         if layout.reset and layout.scale != 1.0:  # the scale now lives in the tensor
             _set_attribute(readers[0][0], layout.reset, 1.0)
 
     def dtype(self, path: str) -> torch.dtype:
-        return FLOAT_TYPES[self._data_type(path)]
+        return FLOAT_TYPES[self._stored(path).data_type]
 
     def check(self, fold: Fold) -> None:
         pass  # every BatchNormalization is plain; what cannot fold was decided by plan()
 
     def add_bias(self, layer: LayerRef) -> str:
         """A zero bias for ``layer``: input C / B of Gemm and Conv, or a new ``Add`` after a MatMul."""
-        node = self._by_label[layer.name]
-        shape = self._shape(layer.weight)
-        if _layout(node, 1).transpose:
-            shape = shape[::-1]  # a MatMul or Gemm weight stored (K, N): N outputs
+        position = self._by_label[layer.name]
+        node = self._index.nodes[position]
+        weight = self._stored(layer.weight)
+        shape = weight.shape[::-1] if _layout(node, 1).transpose else weight.shape  # stored (K, N): N outputs
         out = shape[1] * layer.groups if layer.kind == "conv_transpose" else shape[0]
-        name = self._new_initializer(f"{layer.weight}_bias", to_stored(torch.zeros(out), self._data_type(layer.weight)))
-        if node.op_type == "MatMul":
-            result, inner = node.output[0], self._fresh(f"{node.output[0]}_matmul")
-            self._unindex(node)
+        name = self._new_initializer(f"{layer.weight}_bias", to_stored(torch.zeros(out), weight.data_type))
+        if node.op_type != "MatMul":
+            with self._index.editing(position):
+                node.input.extend([""] * (3 - len(node.input)))
+                node.input[2] = name
+            return name
+        result, inner = node.output[0], self._fresh(f"{node.output[0]}_matmul")
+        with self._index.editing(position):
             node.output[0] = inner
-            self._index(node)
-            add = onnx.helper.make_node("Add", [inner, name], [result], name=self._fresh(f"{layer.name}_bias"))
-            self._after.setdefault(id(node), []).append(add)
-            self._index(add)
-            self._bias_adds[layer.name] = (add, 1)
-        else:
-            self._unindex(node)
-            node.input.extend([""] * (3 - len(node.input)))
-            node.input[2] = name
-            self._index(node)
+        added = self._index.add(onnx.helper.make_node("Add", [inner, name], [result],
+                                                      name=self._fresh(f"{layer.name}_bias")))
+        self._after.setdefault(position, []).append(added)
+        self._bias_adds[layer.name] = (added, 1)
         return name
 
     def remove_bn(self, ref: BNRef) -> None:
         """Take the BatchNormalization out: its input takes over its output name, or its readers read its input."""
-        node = self._by_label[ref.name]
+        position = self._by_label[ref.name]
+        node = self._index.nodes[position]
         source, result = node.input[0], node.output[0]
-        producer = self._producer.get(source)
-        renamable = producer is not None and source not in self._outputs and self._reads(source) == 1
-        if not renamable and (result in self._outputs or result in self._nested):
+        producer = self._index.producer.get(source)
+        renamable = producer is not None and source not in self._index.outputs and self._index.users(source) == 1
+        if not renamable and (result in self._index.outputs or result in self._index.nested):
             raise CannotFold(f"output '{result}' is a graph output or read inside a subgraph, and input '{source}' "
                              "cannot be renamed to it")
-        self._unindex(node)
-        self._dropped.add(id(node))
+        self._index.forget(position)
+        self._dropped.add(position)
         if renamable:  # the producer writes the BN's output name: graph outputs and subgraph reads keep working
-            self._unindex(producer)
-            producer.output[list(producer.output).index(source)] = result
-            self._index(producer)
+            with self._index.editing(producer) as writer:
+                writer.output[list(writer.output).index(source)] = result
             return
-        for reader, slot in list(self._readers.get(result, ())):
+        for reader, slot in list(self._index.readers.get(result, ())):
             self._rewire(reader, slot, source)
 
     # -- ONNX only
@@ -667,15 +710,15 @@ class OnnxHost:
         under a new name. The bias is looked up again, since an earlier fold into the same layer may have added
         one.
         """
-        node = self._by_label[layer.name]
+        position = self._by_label[layer.name]
         names: dict[str, str | None] = {}
-        for role, found in (("weight", (node, 1)), ("bias", self._bias_slot(layer, node))):
+        for role, found in (("weight", (position, 1)), ("bias", self._bias_slot(layer, position))):
             if found is None:
                 names[role] = None
                 continue
             reader, slot = found
-            name = reader.input[slot]
-            if self._reads(name) > 1:
+            name = self._index.nodes[reader].input[slot]
+            if self._index.users(name) > 1:
                 copy = self._new_initializer(f"{name}_{layer.name}", self._array(name))
                 self._rewire(reader, slot, copy)
                 self.notes.append(f"{layer.name}: {role} '{name}' is read by other nodes too; folded into a copy "
@@ -691,27 +734,27 @@ class OnnxHost:
             raise CannotFold(f"the graph has no node {missing[0]}")
         root, target = self._by_label[merge.root], self._by_label[merge.target_node]
         doomed = [root, *(self._by_label[n] for n in merge.removed)]
-        if any(id(n) in self._dropped for n in (*doomed, target)):
+        if any(position in self._dropped for position in (*doomed, target)):
             raise CannotFold("a node of this merge was already taken out by another fold")
-        for node in doomed:
-            self._unindex(node)
-            self._dropped.add(id(node))
-        self._unindex(target)
-        target.output[0] = root.output[0]
-        self._index(target)
+        for position in doomed:
+            self._index.forget(position)
+            self._dropped.add(position)
+        with self._index.editing(target) as node:
+            node.output[0] = self._index.nodes[root].output[0]
 
     def finish(self) -> None:
         """Write the edited node list and drop initializers, Constants and value_info nothing uses any more."""
         graph = self.model.graph
-        read = set(self._outputs) | set(self._nested) | {n for n, readers in self._readers.items() if readers}
+        index = self._index
+        read = set(index.outputs) | set(index.nested) | {n for n, readers in index.readers.items() if readers}
         nodes = [n for n in self._live() if _constant_of(n) is None or n.output[0] in read]
         _replace_repeated(graph.node, nodes, onnx.NodeProto)
-        unused = [t for t in graph.initializer if t.name not in read and t.name not in self._inputs]
+        unused = [t for t in graph.initializer if t.name not in read and t.name not in index.inputs]
         if unused:
             size = sum(t.ByteSize() for t in unused)
             self.notes.append(f"dropped {len(unused)} initializer(s) nothing reads ({size / 2**20:.2f} MiB)")
             _replace_repeated(graph.initializer, [t for t in graph.initializer if t.name in read or
-                                                  t.name in self._inputs], TensorProto)
+                                                  t.name in index.inputs], TensorProto)
         written = {name for node in graph.node for name in node.output}
         if any(v.name not in written for v in graph.value_info):
             _replace_repeated(graph.value_info, [v for v in graph.value_info if v.name in written],
@@ -719,85 +762,60 @@ class OnnxHost:
 
     # -- helpers
     def _live(self) -> Iterator[onnx.NodeProto]:
-        for node in self._nodes:
-            if id(node) not in self._dropped:
-                yield node
-            yield from self._after.get(id(node), ())
+        for position in range(self._written):
+            if position not in self._dropped:
+                yield self._index.nodes[position]
+            yield from (self._index.nodes[added] for added in self._after.get(position, ()))
 
-    def _index(self, node: onnx.NodeProto) -> None:
-        for slot, name in enumerate(node.input):
-            if name:
-                self._readers.setdefault(name, []).append((node, slot))
-        for name in node.output:
-            if name:
-                self._producer[name] = node
+    def _rewire(self, position: int, slot: int, name: str) -> None:
+        with self._index.editing(position) as node:
+            node.input[slot] = name
 
-    def _unindex(self, node: onnx.NodeProto) -> None:
-        for name in node.input:
-            if name:
-                self._readers[name] = [(n, s) for n, s in self._readers[name] if n is not node]
-        for name in node.output:
-            if self._producer.get(name) is node:
-                del self._producer[name]
-
-    def _rewire(self, node: onnx.NodeProto, slot: int, name: str) -> None:
-        self._unindex(node)
-        node.input[slot] = name
-        self._index(node)
-
-    def _reads(self, name: str) -> int:
-        """Reads of ``name``: node inputs, subgraphs, graph outputs."""
-        return len(self._readers.get(name, ())) + self._nested.get(name, 0) + (name in self._outputs)
-
-    def _bias_slot(self, layer: LayerRef, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
+    def _bias_slot(self, layer: LayerRef, position: int) -> tuple[int, int] | None:
+        """Where ``layer``'s bias is read: (node position, input slot), None when it has none."""
+        node = self._index.nodes[position]
         if node.op_type != "MatMul":
-            return (node, 2) if len(node.input) > 2 and node.input[2] else None
+            return (position, 2) if len(node.input) > 2 and node.input[2] else None
         if layer.name in self._bias_adds:
             return self._bias_adds[layer.name]
         if layer.bias is None:
             return None
-        add = next(n for n, _ in self._readers[node.output[0]] if n.op_type == "Add")
-        return add, list(add.input).index(layer.bias)
+        add = next(p for p, _ in self._index.readers[node.output[0]] if self._index.nodes[p].op_type == "Add")
+        return add, list(self._index.nodes[add].input).index(layer.bias)
+
+    def _constant(self, name: str) -> onnx.NodeProto:
+        """The ``Constant`` node writing ``name`` (a constant that is not an initializer)."""
+        return self._index.nodes[self._index.producer[name]]
 
     def _array(self, name: str) -> np.ndarray:
-        if name in self._initializers:
-            return numpy_helper.to_array(self._initializers[name])
-        attr = self._constants[name].attribute[0]
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        return np.asarray(onnx.helper.get_attribute_value(attr), dtype=np.float32)
+        tensor = self._index.tensor(name)
+        if tensor is not None:
+            return numpy_helper.to_array(tensor)
+        return np.asarray(onnx.helper.get_attribute_value(self._constant(name).attribute[0]), dtype=np.float32)
 
-    def _shape(self, name: str) -> tuple[int, ...]:
-        if name in self._initializers:
-            return tuple(self._initializers[name].dims)
-        const = _constant_of(self._constants[name])
+    def _stored(self, name: str) -> _Const:
+        """The element type and shape ``name`` is stored with now."""
+        if name in self._index.initializers:
+            return _Const.of(self._index.initializers[name])
+        const = _constant_of(self._constant(name))
         assert const is not None
-        return const.shape
-
-    def _data_type(self, name: str) -> int:
-        if name in self._initializers:
-            return self._initializers[name].data_type
-        const = _constant_of(self._constants[name])
-        assert const is not None
-        return const.data_type
+        return const
 
     def _write(self, name: str, array: np.ndarray) -> None:
-        if name in self._initializers:
-            _set_tensor_data(self._initializers[name], array)
+        tensor = self._index.tensor(name)
+        if tensor is not None:
+            _set_tensor_data(tensor, array)
             return
-        node = self._constants[name]
-        value = node.attribute[0]
-        if value.name != "value":  # value_float(s): becomes a tensor of the same type
-            del node.attribute[:]
-            node.attribute.extend([onnx.helper.make_attribute("value", numpy_helper.from_array(array))])
-        else:
-            _set_tensor_data(value.t, array)
+        node = self._constant(name)  # value_float(s): becomes a tensor of the same type
+        del node.attribute[:]
+        node.attribute.extend([onnx.helper.make_attribute("value", numpy_helper.from_array(array))])
 
     def _new_initializer(self, base: str, array: np.ndarray) -> str:
         name = self._fresh(base)
         tensor = self.model.graph.initializer.add()
         tensor.CopyFrom(numpy_helper.from_array(array, name))
-        self._initializers[name] = tensor
+        self._index.initializers[name] = tensor
+        self._index.constants[name] = _Const.of(tensor)
         return name
 
     def _fresh(self, base: str) -> str:

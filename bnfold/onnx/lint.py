@@ -13,7 +13,8 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.findings import Finding
-from bnfold.onnx.graph import attributes, node_labels
+from bnfold.onnx.fold import discover_graph
+from bnfold.onnx.graph import GraphIndex, attributes
 
 
 def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
@@ -21,12 +22,10 @@ def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
 
     ``base_dir`` is where external tensor data lives (the model file's folder).
     """
-    from bnfold.onnx.fold import discover_graph
-
     findings = []
-    values = _default_values(model.graph)
-    constant = _constant_names(model.graph, values)
-    for name, node in zip(node_labels(model.graph.node), model.graph.node):
+    index = GraphIndex.of(model.graph)
+    constant = _constant_names(index)
+    for name, node in zip(index.labels, index.nodes):
         if node.op_type == "BatchNormalization":
             attrs = attributes(node)
             if node.input and node.input[0] in constant:
@@ -35,7 +34,7 @@ def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
                 findings.append(Finding("BN009", name, "BatchNormalization with training_mode=1: it normalises "
                                                        "with batch statistics at inference"))
         elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
-            tensor = values.get(node.input[2])
+            tensor = index.tensor(node.input[2])  # an initializer listed as an input too: its default
             flag = None if tensor is None else numpy_helper.to_array(tensor, base_dir=str(base_dir or ""))
             if flag is None or bool(np.asarray(flag).item()):
                 state = "true" if flag is not None else "a graph input (may be true)"
@@ -54,20 +53,10 @@ def lint(model: onnx.ModelProto, base_dir: Path | None = None) -> list[Finding]:
     return findings
 
 
-def _constant_names(graph: onnx.GraphProto, values: dict[str, onnx.TensorProto]) -> set[str]:
+def _constant_names(index: GraphIndex) -> set[str]:
     """Names computed from constants alone (not from any graph input)."""
-    inputs = {i.name for i in graph.input}
-    constant = {name for name in values if name not in inputs}
-    for node in graph.node:
+    constant = {name for name in index.constants if name not in index.inputs}
+    for node in index.nodes:
         if node.input and all(not n or n in constant for n in node.input):
             constant.update(o for o in node.output if o)
     return constant
-
-
-def _default_values(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """Initializers and Constant outputs: what the graph runs with unless a caller feeds another value."""
-    values = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = node.attribute[0].t
-    return values
