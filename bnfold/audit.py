@@ -129,14 +129,25 @@ def _stat_findings(root: nn.Module, ref: BNRef, name: str) -> list[Finding]:
 
 
 # -- probes ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Event:
+    """A tensor crossing a module boundary: the first sample of a call's first input (``"in"``, recorded when
+    the call starts, with ``caller`` the module whose forward makes the call) or of its output (``"out"``)."""
+
+    kind: str
+    module: str
+    caller: str
+    value: torch.Tensor
+
+
 class _Tap:
-    """Hooks on every module: records each call's ``training`` flag and the first sample of its output."""
+    """Hooks on every module: records each call's ``training`` flag and the first sample of its input and output."""
 
     def __init__(self, modules: dict[str, nn.Module], sample: int, watch_finite: bool = False) -> None:
         self.modules = modules
         self.sample = sample
         self.watch_finite = watch_finite  # one run is enough to name the first non-finite module
-        self.outputs: list[tuple[str, torch.Tensor]] = []
+        self.events: list[_Event] = []
         self.nonfinite: list[str] = []  # modules whose output held NaN/Inf, in completion order (innermost first)
         self.training_calls: dict[str, int] = {}
         self.stack: list[str] = []  # modules currently running, innermost last
@@ -148,7 +159,7 @@ class _Tap:
             if isinstance(module, torch.jit.ScriptModule):
                 continue  # compiled: no Python hooks, so probes judge its outputs only
             name = names[id(module)]
-            self.handles.append(module.register_forward_pre_hook(lambda m, a, name=name: self._pre(name, m)))
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, name=name: self._pre(name, m, a)))
             self.handles.append(module.register_forward_hook(lambda m, a, out, name=name: self._post(name, out)))
         return self
 
@@ -156,7 +167,14 @@ class _Tap:
         for h in self.handles:
             h.remove()
 
-    def _pre(self, name: str, module: nn.Module) -> None:
+    def _first(self, value: Any) -> torch.Tensor | None:
+        tensors = [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+        return tensors[0][self.sample].detach().clone() if tensors and tensors[0].shape[0] > self.sample else None
+
+    def _pre(self, name: str, module: nn.Module, args: Any) -> None:
+        first = self._first(args)
+        if first is not None:
+            self.events.append(_Event("in", name, self.stack[-1] if self.stack else "", first))
         self.stack.append(name)
         if module.training and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             self.training_calls[name] = self.training_calls.get(name, 0) + 1
@@ -167,8 +185,9 @@ class _Tap:
         tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
         if self.watch_finite and any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
             self.nonfinite.append(name)
-        if tensors and tensors[0].shape[0] > self.sample:
-            self.outputs.append((name, tensors[0][self.sample].detach().clone()))
+        first = self._first(tensors)
+        if first is not None:
+            self.events.append(_Event("out", name, self.stack[-1] if self.stack else "", first))
 
 
 class _ForcedTraining(TorchFunctionMode):
@@ -178,7 +197,7 @@ class _ForcedTraining(TorchFunctionMode):
         super().__init__()
         self.tap = tap
         self.forced_bn: dict[str, int] = {}  # innermost running module -> calls
-        self.dropouts = 0
+        self.dropouts: dict[str, int] = {}  # the module whose own forward calls dropout with training=True -> calls
         # Storage of the model's parameters: batch_norm(training=True) over a weight is weight standardisation
         # (timm's StdConv2d), which normalises the weight, not the batch.
         self.weights = ({p.untyped_storage().data_ptr() for p in model.parameters()} if isinstance(model, nn.Module)
@@ -198,7 +217,9 @@ class _ForcedTraining(TorchFunctionMode):
         elif func in _DROPOUTS:
             training = kwargs.get("training", args[2] if len(args) > 2 else True)  # F.dropout defaults to True
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-            self.dropouts += bool(training) and p > 0
+            if training and p > 0:
+                where = self.tap.stack[-1] if self.tap.stack else ""
+                self.dropouts[where] = self.dropouts.get(where, 0) + 1
         return func(*args, **kwargs)
 
 
@@ -235,13 +256,16 @@ def _rel_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
     return worst
 
 
-def _culprit(run_a: list[tuple[str, torch.Tensor]], run_b: list[tuple[str, torch.Tensor]], rtol: float) -> str | None:
-    """The first module (in completion order: innermost first) whose first-sample output differs."""
-    for (name_a, out_a), (name_b, out_b) in zip(run_a, run_b):
-        if name_a != name_b:
-            return name_a  # the two runs took different paths from here on
-        if _rel_change({name_a: out_a}, {name_a: out_b}) > rtol:
-            return name_a
+def _culprit(run_a: list[_Event], run_b: list[_Event], rtol: float) -> str | None:
+    """The innermost module whose own forward makes the two runs part: at the first tensor crossing a module
+    boundary that differs (events in the order they happen). An output that differs while the call's input did
+    not blames the module called; an input that already differs blames its caller, whose own code (not a
+    child's) changed it between two calls (``fc2(F.dropout(fc1(x)))`` in ``head.forward`` is ``head``'s)."""
+    for a, b in zip(run_a, run_b):
+        if (a.kind, a.module) != (b.kind, b.module):
+            return a.caller if a.kind == "in" else a.module  # the runs took different paths from here on
+        if _rel_change({a.module: a.value}, {a.module: b.value}) > rtol:
+            return a.caller if a.kind == "in" else a.module
     return None
 
 
@@ -291,12 +315,13 @@ class _Probes:
         self.out_c, self.tap_c, forced_c = self._tapped(self.batch_a, self.seed + 1)
         self.training_calls: dict[str, int] = {}
         self.forced_bn: dict[str, int] = {}
+        self.dropouts: dict[str, int] = {}  # module whose own forward calls dropout with training=True -> calls
         for source, target in ((self.tap_a.training_calls, self.training_calls),
                                (self.tap_c.training_calls, self.training_calls),
-                               (forced_a.forced_bn, self.forced_bn), (forced_c.forced_bn, self.forced_bn)):
+                               (forced_a.forced_bn, self.forced_bn), (forced_c.forced_bn, self.forced_bn),
+                               (forced_a.dropouts, self.dropouts), (forced_c.dropouts, self.dropouts)):
             for name, calls in source.items():
                 target[name] = target.get(name, 0) + calls
-        self.dropouts = forced_a.dropouts + forced_c.dropouts
 
     def finite(self) -> None:
         """Finite inputs must give finite outputs. The probes that compare runs see a NaN that appears in one run
@@ -337,7 +362,7 @@ class _Probes:
         diff = _rel_change(_first_sample(self.out_a, 0), _first_sample(out_b, 0))
         self.dependent = diff > PROBE_RTOL["same_batch"]
         if self.dependent:
-            where = _culprit(self.tap_a.outputs, tap_b.outputs, PROBE_RTOL["same_batch"]) or ""
+            where = _culprit(self.tap_a.events, tap_b.events, PROBE_RTOL["same_batch"]) or ""
             self.findings.append(Finding("BN002", where, f"sample 0's output changes by {diff:.3g} (relative to its "
                                                          f"scale) when its {self.batch - 1} batch companions change"))
         self.results.append(ProbeResult("batch independence", not self.dependent, f"max rel change {diff:.3g} across "
@@ -366,10 +391,14 @@ class _Probes:
     def determinism(self) -> None:
         """The same batch under another seed (see :meth:`observe`); a deterministic model does not care."""
         diff = _rel_change(_first_sample(self.out_a, 0), _first_sample(self.out_c, 0))
-        random = diff > 0 or self.dropouts > 0
+        dropouts = sum(self.dropouts.values())
+        random = diff > 0 or dropouts > 0
         if random:
-            where = _culprit(self.tap_a.outputs, self.tap_c.outputs, 0.0) or ""
-            extra = f"; {self.dropouts} dropout call(s) with training=True" if self.dropouts else ""
+            # the module whose own forward calls dropout with training=True, else where the runs first part
+            where = next(iter(self.dropouts), None)
+            if where is None:
+                where = _culprit(self.tap_a.events, self.tap_c.events, 0.0) or ""
+            extra = f"; {dropouts} dropout call(s) with training=True" if dropouts else ""
             self.findings.append(Finding("BN007", where, f"the same input gave outputs differing by {diff:.3g}{extra}"))
         self.results.append(ProbeResult("determinism", not random, f"max rel change {diff:.3g} between identical "
                                         "runs", {"max_rel": diff}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -76,6 +77,18 @@ CHECKS: tuple[CheckDef, ...] = (
     CheckDef("onnx determinism", "onnx", ("BN007",)),
 )
 CHECK_GROUPS = ("audit", "fold", "onnx")
+
+#: Findings of the exported graph that follow from an error the eval model already shows in PyTorch: the graph
+#: computes what the eval model computes, its randomness and batch statistics included. Keyed by the check that
+#: files the consequence (and, for the lint, the ONNX op of the node it names); the value is the checks whose
+#: error explains it, most specific first. ``bnfold verify`` links each consequence to the first cause found
+#: (:attr:`Finding.caused_by`), so that a user fixes one thing.
+CAUSES: dict[tuple[str, str | None], tuple[str, ...]] = {
+    ("onnx determinism", None): ("determinism",),
+    ("onnx lint", "Dropout"): ("determinism",),
+    ("onnx lint", "BatchNormalization"): ("mode", "batch independence", "batch 1"),
+    ("onnx parity", None): ("determinism", "mode", "batch independence", "batch 1"),
+}
 #: The codes that can make each check fail (a check failing only through disabled codes passes).
 CODES_OF_CHECK: dict[str, tuple[str, ...]] = {c.name: c.codes for c in CHECKS}
 #: The check a code is filed under unless its finding names another (the first check that lists it).
@@ -99,6 +112,7 @@ class Finding:
     message: str
     advice: str | None = None  # a hint for this case, when the code's general hint does not fit
     check: str | None = None
+    caused_by: str | None = None  # the finding this one follows from (``"BN007 in head"``): fix that one first
 
     def __post_init__(self) -> None:
         if self.code not in CODES:
@@ -118,13 +132,22 @@ class Finding:
     def check_name(self) -> str:
         return self.check or CHECK_OF_CODE[self.code]
 
+    @property
+    def detail(self) -> str:
+        """The message, and the finding it follows from when there is one: what every report prints."""
+        return f"{self.message}; caused by {self.caused_by}" if self.caused_by else self.message
+
+    def because_of(self, cause: Finding) -> Finding:
+        """This finding, linked to the finding it follows from."""
+        return dataclasses.replace(self, caused_by=f"{cause.code} in {cause.module or 'the model'}")
+
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "severity": self.severity, "check": self.check_name, "module": self.module,
-                "message": self.message, "hint": self.hint}
+                "message": self.message, "hint": self.hint, "caused_by": self.caused_by}
 
     def __str__(self) -> str:
         where = f"{self.module}: " if self.module else ""
-        return f"{self.code} {self.severity} {where}{self.message}"
+        return f"{self.code} {self.severity} {where}{self.detail}"
 
 
 def code_range() -> str:

@@ -116,7 +116,7 @@ def render_verify(reports: list[Any], console: Console, *, timings: bool = False
             for f in report.findings:
                 style = "red" if f.severity == "error" else "yellow"
                 table.add_row(f.code, f"[{style}]{f.severity}[/{style}]", escape(f.module or "(model)"),
-                              escape(f.message), escape(f.hint))
+                              escape(f.detail), escape(f.hint))
             console.print(table)
         for note in report.notes:
             console.print(f"  Note: {escape(note)}", highlight=False, soft_wrap=True)
@@ -176,7 +176,7 @@ def github_annotations(reports: list[Any]) -> str:
     for report in reports:
         for f in report.findings:
             where = f"{f.module}: " if f.module else ""
-            message = f"{report.model}: {where}{f.message}. {f.hint}".replace("%", "%25").replace("\n", "%0A")
+            message = f"{report.model}: {where}{f.detail}. {f.hint}".replace("%", "%25").replace("\n", "%0A")
             lines.append(f"::{f.severity} title={f.code}::{message}")
         for check in report.checks:
             if not check.passed and not _errors_of(report, check.name):
@@ -192,7 +192,7 @@ def render_export(result: Any, console: Console, *, source: str, quiet: bool = F
         for finding in result.findings:
             style = "red" if finding.severity == "error" else "yellow"
             where = escape(finding.module or "(model)")
-            console.print(f"[{style}]{finding.code} {finding.severity}[/{style}] {where}: {escape(finding.message)}",
+            console.print(f"[{style}]{finding.code} {finding.severity}[/{style}] {where}: {escape(finding.detail)}",
                           highlight=False, soft_wrap=True)
         print_parity(console, result.parity)
         for skip in result.left:

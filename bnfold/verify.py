@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx as onnx_proto
 import torch
 from torch import nn
 
@@ -25,14 +26,14 @@ from bnfold import audit
 from bnfold.compare import Comparison
 from bnfold.data import load_data
 from bnfold.errors import BnfoldError, InputSpecError, LoadError, first_line
-from bnfold.findings import CHECK_GROUPS, CODES, CODES_OF_CHECK, Finding
+from bnfold.findings import CAUSES, CHECK_GROUPS, CODES, CODES_OF_CHECK, Finding
 from bnfold.fuse import fuse
 from bnfold.inputs import InputSpec, make_inputs
 from bnfold.kinds import Adapter, adapter_for
 from bnfold.load import Loaded, importable, load
 from bnfold.onnx.check import check_onnx
 from bnfold.onnx.culprit import find_divergence
-from bnfold.onnx.graph import graph_inputs
+from bnfold.onnx.graph import GraphIndex, graph_inputs
 from bnfold.onnx.io import load_onnx
 from bnfold.onnx.lint import lint
 from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtWorker, check_timeout, run_onnxruntime
@@ -291,9 +292,10 @@ def _onnx(model: Any, reference: Reference, atol, rtol, exporter: str, onnx_path
         result = check_onnx(model, {c.label: (c.inputs, c.expected) for c in reference.cases}, onnx_path=onnx_path,
                             exporter=exporter, atol=atol, rtol=rtol, worker=worker, workdir=Path(workdir))
         culprit = _culprit(model, result, reference, atol, rtol)
+        ops = _node_ops(result.path)
     for stage, seconds in result.timings.items():
         report.timings[stage if stage != "compare" else "onnx compare"] = seconds
-    findings = [_onnx_filed(f) for f in result.findings] + culprit
+    findings = _linked([_onnx_filed(f) for f in result.findings] + culprit, report.findings, ops)
     report.findings += findings
     report.parity += result.parity
     seconds = time.perf_counter() - start
@@ -317,6 +319,26 @@ def _culprit(model: Any, result: Any, reference: Reference, atol, rtol) -> list[
     if divergence is None:
         return []
     return [Finding("BN010", divergence.module or divergence.onnx_node, divergence.message())]
+
+
+def _node_ops(path: Path | None) -> dict[str, str]:
+    """The op type of each node of the graph at ``path``, by the label findings name it with."""
+    if path is None or not path.is_file():
+        return {}
+    index = GraphIndex.of(onnx_proto.load(str(path), load_external_data=False).graph)
+    return {label: node.op_type for label, node in zip(index.labels, index.nodes)}
+
+
+def _linked(findings: list[Finding], earlier: list[Finding], ops: dict[str, str]) -> list[Finding]:
+    """Each ONNX finding that an error of the eval model explains (:data:`bnfold.findings.CAUSES`), linked to it."""
+    linked = []
+    for finding in findings:
+        key = (finding.check_name, ops.get(finding.module) if finding.check_name == "onnx lint" else None)
+        causes = CAUSES.get(key, ()) if finding.severity == "error" else ()
+        cause = next((c for check in causes for c in earlier if c.check_name == check and c.severity == "error"),
+                     None)
+        linked.append(finding.because_of(cause) if cause is not None else finding)
+    return linked
 
 
 def _worst(comparisons: list[Comparison]) -> Any:
