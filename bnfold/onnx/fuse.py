@@ -23,6 +23,7 @@ from bnfold.errors import InputSpecError, LoadError, first_line
 from bnfold.fold.result import FuseResult
 from bnfold.inputs import SHAPE_HINT, InputSpec
 from bnfold.onnx.fold import fold_graph
+from bnfold.onnx.dims import fixed_size, open_zero_dims, written, zero_dims
 from bnfold.onnx.graph import graph_inputs
 from bnfold.onnx.io import save_onnx
 from bnfold.onnx.runner import DEFAULT_ORT_TIMEOUT_S, OrtFailure, OrtWorker, run_onnxruntime
@@ -32,9 +33,11 @@ AS_WRITTEN = 1  # run index in the worker's answer: the session with optimisatio
 
 
 def input_specs(model: onnx.ModelProto, given: list[InputSpec] | None = None) -> tuple[list[InputSpec], bool]:
-    """Input specs from the graph, and whether its batch axis is symbolic.
+    """Input specs from the graph, and whether its batch axis is symbolic (dynamic: see :mod:`bnfold.onnx.dims`).
 
     ``given`` (``--input-shape``) wins; it must have one spec per graph input and match every fixed dimension.
+    Without it, a dynamic batch axis is drawn at 1 (and compared at another size too); any other dynamic
+    dimension needs ``--input-shape``.
     """
     inputs = graph_inputs(model.graph)
     if given:
@@ -43,7 +46,7 @@ def input_specs(model: onnx.ModelProto, given: list[InputSpec] | None = None) ->
                                  f"--input-shape gave {len(given)}", SHAPE_HINT)
         for spec, value in zip(given, inputs):
             _check_given(spec, value)
-        return list(given), any(_symbolic(d) for i in inputs for d in i.type.tensor_type.shape.dim[:1])
+        return list(given), any(fixed_size(d) is None for i in inputs for d in i.type.tensor_type.shape.dim[:1])
     specs, symbolic_batch = [], False
     for value in inputs:
         tensor_type = value.type.tensor_type
@@ -51,21 +54,18 @@ def input_specs(model: onnx.ModelProto, given: list[InputSpec] | None = None) ->
             raise InputSpecError(f"ONNX input {value.name!r} declares no shape", SHAPE_HINT)
         dims = []
         for axis, dim in enumerate(tensor_type.shape.dim):
-            if not _symbolic(dim):
-                dims.append(int(dim.dim_value))
+            size = fixed_size(dim)
+            if size is not None:
+                dims.append(size)
             elif axis == 0:
                 symbolic_batch = True
                 dims.append(1)
             else:
-                name = dim.dim_param or "?"
-                raise InputSpecError(f"ONNX input {value.name!r} has a symbolic dimension {axis} ({name!r}): bnfold "
+                said = repr(dim.dim_param) if dim.HasField("dim_param") else written(dim)
+                raise InputSpecError(f"ONNX input {value.name!r} has a symbolic dimension {axis} ({said}): bnfold "
                                      "cannot guess its size", SHAPE_HINT)
         specs.append(InputSpec(tuple(dims), _torch_dtype(tensor_type.elem_type, value.name)))
     return specs, symbolic_batch
-
-
-def _symbolic(dim: onnx.TensorShapeProto.Dimension) -> bool:
-    return not dim.HasField("dim_value")
 
 
 def _check_given(spec: InputSpec, value: onnx.ValueInfoProto) -> None:
@@ -74,8 +74,9 @@ def _check_given(spec: InputSpec, value: onnx.ValueInfoProto) -> None:
         raise InputSpecError(f"ONNX input {value.name!r} has rank {len(dims)}, --input-shape {spec} has rank "
                              f"{len(spec.shape)}", SHAPE_HINT)
     for axis, (dim, size) in enumerate(zip(dims, spec.shape)):
-        if not _symbolic(dim) and dim.dim_value != size:
-            raise InputSpecError(f"ONNX input {value.name!r} dimension {axis} is fixed at {dim.dim_value}, "
+        fixed = fixed_size(dim)
+        if fixed is not None and fixed != size:
+            raise InputSpecError(f"ONNX input {value.name!r} dimension {axis} is fixed at {fixed}, "
                                  f"--input-shape {spec} says {size}", SHAPE_HINT)
 
 
@@ -134,13 +135,20 @@ def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[Inpu
     """Fold ``model`` (read from ``path``; None: it is written to a temporary folder to run it) and compare the
     folded graph with it in onnxruntime. ``result.model`` is the folded ``ModelProto``; ``model`` is not modified
     unless ``consume`` (it is then folded in place: one model in memory, for a caller done with the original,
-    which onnxruntime reads from ``path``).
+    which onnxruntime reads from ``path``). Input dimensions written as ``dim_value 0`` (dynamic, as older
+    exporters write it) become ``dim_param``s in the folded graph, and in the copy of the original that is run
+    (:func:`bnfold.onnx.dims.open_zero_dims`).
     """
     if not graph_inputs(model.graph):
         raise InputSpecError("the graph takes no inputs: its outputs are constants, so there is nothing to compare",
                              "fold the graph it was made from, or run onnxruntime's constant folding on it")
     _check_valid(model, path)
     specs, symbolic_batch = input_specs(model, specs)
+    opened = None
+    if zero_dims(model):  # the original runs from a copy that onnxruntime can run at these sizes
+        if not consume:
+            model = _copy(model)
+        opened, path = open_zero_dims(model), None
     cases = comparison_cases(specs, symbolic_batch, seed)
     names = [o.name for o in model.graph.output]
     timings: dict[str, float] = {}
@@ -152,7 +160,15 @@ def fuse_onnx(model: onnx.ModelProto, path: Path | None = None, specs: list[Inpu
         start = time.perf_counter()
         folded = fold_graph(model, copy=not consume)
         timings["fold"] = time.perf_counter() - start
-        return _prove(folded, path, names, cases, Path(tmp), atol, rtol, timeout, timings)
+        result = _prove(folded, path, names, cases, Path(tmp), atol, rtol, timeout, timings)
+    result.notes[:0] = [opened] if opened else []
+    return result
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
 
 
 def _prove(folded: Any, path: Path, names: list[str], cases: list[tuple[str, tuple]], tmp: Path, atol, rtol,

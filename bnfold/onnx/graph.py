@@ -38,6 +38,7 @@ from bnfold.discover.rules import per_channel
 from bnfold.errors import LoadError
 from bnfold.fold.apply import CannotFold
 from bnfold.layers import BNRef, Geometry, LayerRef
+from bnfold.onnx.dims import fixed_size
 
 #: Oldest default-domain opset folded. BatchNormalization-7/8 compute what BatchNormalization-9 does when
 #: ``spatial=1`` (their default), and ``spatial=0`` is refused per node; opset 6 and older have ``is_test``
@@ -422,7 +423,7 @@ def _shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[int | None, ...]], 
     for info in [*graph.input, *graph.value_info, *graph.output]:
         tensor_type = info.type.tensor_type
         if info.type.HasField("tensor_type") and tensor_type.HasField("shape"):
-            shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            shapes[info.name] = tuple(fixed_size(d) for d in tensor_type.shape.dim)
     return shapes, notes
 
 

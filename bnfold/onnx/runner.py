@@ -27,6 +27,7 @@ import torch
 
 from bnfold.errors import BnfoldError
 from bnfold.findings import Finding
+from bnfold.onnx.dims import fixed_size
 from bnfold.onnx.graph import graph_inputs
 from bnfold.ort_worker import LOAD, RUN
 
@@ -240,4 +241,4 @@ def static_batch(path: Path) -> int | None:
     """The fixed batch size of the graph's first input, or None when it is symbolic."""
     inputs = graph_inputs(onnx.load(str(path), load_external_data=False).graph)
     dims = inputs[0].type.tensor_type.shape.dim if inputs else ()
-    return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else None
+    return fixed_size(dims[0]) if dims else None
