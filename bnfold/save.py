@@ -93,14 +93,18 @@ def _new_temp_file(path: Path) -> Path:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds.
 
-    On success the new file is synced to disk and given :func:`output_mode` before the rename. On any
-    exception, ``BaseException`` included, the temporary file is removed and ``path`` is untouched.
-    ``OSError`` is passed on as is; :func:`write_atomic` translates it.
+    Missing parent folders are created first, as export tools do (``-o out/model.onnx``), and removed again
+    if the write fails. On success the new file is synced to disk and given :func:`output_mode` before the
+    rename. On any exception, ``BaseException`` included, the temporary file is removed and ``path`` is
+    untouched. ``OSError`` is passed on as is; :func:`write_atomic` translates it.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
-    tmp = _new_temp_file(path)
+    created = _make_folders(path)
+    try:
+        tmp = _new_temp_file(path)
+    except BaseException:
+        _remove_folders(created)
+        raise
     try:
         yield tmp
         _fsync(tmp)  # else a crash soon after the rename can leave an empty file under the target's name
@@ -110,8 +114,34 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _remove_folders(created)
         raise
     _fsync_folder(path.parent)
+
+
+def _make_folders(path: Path) -> list[Path]:
+    """Create the missing folders above ``path``, outermost first; the ones created, to undo on failure."""
+    missing = []
+    for folder in path.parents:
+        if folder.is_dir():
+            break
+        if folder.exists() or folder.is_symlink():
+            raise OutputError(f"cannot write {path}: {folder} is not a folder", "pass a path inside a folder")
+        missing.append(folder)
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except BaseException:
+            _remove_folders([f for f in reversed(missing) if f != folder and f.is_dir()])
+            raise
+    return list(reversed(missing))
+
+
+def _remove_folders(created: list[Path]) -> None:
+    """Remove the folders :func:`_make_folders` created, innermost first, where they are still empty."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def output_error(path: Path, exc: OSError) -> OutputError:

@@ -116,7 +116,9 @@ def test_output_equal_to_input_is_refused(state_dict_file, in_root):
     assert state_dict_file.read_bytes() == digest
 
 
-def test_output_folder_missing(state_dict_file, tmp_path, in_root):
+def test_output_folder_missing_is_created(state_dict_file, tmp_path, in_root):
+    """Issue 15: ``-o`` into folders that do not exist creates them (it was refused before)."""
     out = tmp_path / "no" / "such" / "dir" / "m.pt2"
-    assert_clean_error(run(str(state_dict_file), "-o", str(out), "--arch", "models.zoo:resnet_digits", *SHAPE),
-                       "does not exist")
+    result = run(str(state_dict_file), "-o", str(out), "--arch", "models.zoo:resnet_digits", *SHAPE)
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and len(torch.export.load(str(out)).graph_signature.user_inputs) == 1

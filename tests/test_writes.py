@@ -194,9 +194,24 @@ def test_read_only_folder(tmp_path):
         write_bytes_atomic(folder / "x.bin", b"data")
 
 
-def test_missing_folder_and_unknown_format_write_nothing(tmp_path):
-    with pytest.raises(OutputError, match="folder .* does not exist"):
-        write_bytes_atomic(tmp_path / "missing" / "x.bin", b"data")
+def test_missing_folders_are_created_and_a_failed_write_leaves_none(tmp_path):
+    """Issue 15: missing parent folders are created, as export tools do (this refused before); a write that
+    fails removes the folders it created; a file where a folder should be is refused."""
+    write_bytes_atomic(tmp_path / "new" / "deeper" / "x.bin", b"data")
+    assert (tmp_path / "new" / "deeper" / "x.bin").read_bytes() == b"data"
+
+    def full_disk(path: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OutputError, match="No space left"):
+        write_atomic(tmp_path / "gone" / "again" / "x.bin", full_disk)
+    assert not (tmp_path / "gone").exists()
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OutputError, match="file is not a folder"):
+        write_bytes_atomic(tmp_path / "file" / "x.bin", b"data")
+
+
+def test_unknown_format_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="unknown output format 'onnx'"):
         save_model(tiny_model(), "onnx", tmp_path / "x.onnx")
     assert list(tmp_path.iterdir()) == []
