@@ -29,9 +29,11 @@ def parity_line(comparison: Comparison, diff: OutputDiff) -> str:
     verdict = "PASSED" if diff.passed else "FAILED"
     where = f" at {diff.worst_index}" if diff.worst_index else ""
     problem = f" | {diff.problem}" if diff.problem else ""
+    # A max rel above 0 with a min rtol of 0: every element passed by atol alone; say so, not a contradiction.
+    within = ", every element within atol" if diff.required_rtol == 0 and diff.max_abs > 0 else ""
     return (f"{verdict} | {comparison.label} | {diff.name} | max abs {_fmt(diff.max_abs)}, max rel {_fmt(diff.max_rel)}"
             f"{where} (ref {diff.ref_value:.6g}, got {diff.got_value:.6g}), mean abs {_fmt(diff.mean_abs)} | "
-            f"atol {diff.atol:g}, rtol {diff.rtol:g} (min rtol to pass {_fmt(diff.required_rtol)}){problem}")
+            f"atol {diff.atol:g}, rtol {diff.rtol:g} (min rtol to pass {_fmt(diff.required_rtol)}{within}){problem}")
 
 
 def print_parity(console: Console, comparisons: list[Comparison]) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 import bnfold
 from bnfold.compare import check_tolerance, compare, compare_output
+from bnfold.report import parity_line
 from bnfold.errors import InputSpecError
 from bnfold.report import write_json
 from tests.cli_helpers import assert_usage_error, cli
@@ -197,3 +198,15 @@ def test_zero_tolerances_pass_identical_outputs():
 def test_tolerances_must_be_finite_and_non_negative(program, flag, value):
     assert_usage_error(cli("fuse", str(program), flag, value, "-o", os.devnull + ".never"), flag)
     assert_usage_error(cli("verify", str(program), flag, value), flag)
+
+
+def test_the_verdict_line_says_when_every_element_passed_by_atol():
+    """Issue 15: ``max rel 0.00281 ... (min rtol to pass 0)`` read as a contradiction; it now says why."""
+    ref = torch.tensor([1e-3, 1.0])
+    close = compare("batch 1", {"y": ref}, {"y": ref + torch.tensor([3e-6, 0.0])}, atol=1e-5, rtol=1e-4)
+    line = parity_line(close, close.outputs[0])
+    assert line.startswith("PASSED") and "(min rtol to pass 0, every element within atol)" in line
+    exact = compare("batch 1", {"y": ref}, {"y": ref.clone()}, atol=1e-5, rtol=1e-4)
+    assert "(min rtol to pass 0)" in parity_line(exact, exact.outputs[0])
+    beyond = compare("batch 1", {"y": ref}, {"y": ref + torch.tensor([0.0, 5e-5])}, atol=1e-5, rtol=1e-4)
+    assert "within atol" not in parity_line(beyond, beyond.outputs[0])
