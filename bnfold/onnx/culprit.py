@@ -56,10 +56,36 @@ of a graph whose output fails. Not tighter: accumulated float32 rounding stays n
 default and farther from what a real divergence gives at its source (a wrong weight or statistic: 1e-2 and
 up).
 
+Without scopes (a graph whose names and metadata were stripped or rewritten, a foreign converter's, one that
+maps no node below the model itself), or when the scoped search finds nothing, calls are matched to tensors
+by value instead, and the result says so (``matched by value``) and names the node's inputs:
+
+1. Nothing is searched unless a graph output fails: then the graph does not compute what the model does.
+2. Each call's output and input is matched to the graph's tensors of its shape that agree with it (torch the
+   reference, the tolerances above): a tampered weight or statistic leaves every tensor before it exact. The
+   tensors are bucketed by shape and sorted by mean; a tensor that passes is within ``max(atol, rtol *
+   scale)`` of the torch tensor everywhere, so its mean and its largest magnitude are too, and only the few
+   tensors in that window are compared in full (a binary search per call, not every pair of one shape).
+   Constant torch tensors (all zeros after a ReLU) say nothing and are not matched.
+3. A call that no tensor matches is computed inside a later node when a call taking its output (or one
+   taking that one's, and so on) is matched: a conv whose BN the exporter folded into it.
+4. The first other call in completion order whose input a tensor matches localizes the divergence: from
+   those tensors, the first tensor computed from them, in graph order, of its output's shape (or that of the
+   calls taking its output unchanged, fused in the same node), that matches nothing and feeds a failing
+   output, is the one that should have matched. The culprit is the first node between the two (``span``
+   when more than one); the module is the call that tensor is closest to (mean error relative to the
+   call's scale), those before it ``fused``: a tampered BatchNormalization, or the Conv its BN was folded
+   into (module the BN, fused with the conv).
+5. A call whose input matches nothing either diverged before it, in ops of no module: the culprit is the
+   first of the ops computing the first tensor of its input's shape that matches nothing (``before``).
+6. Every module matched: the model's own ops, reached from the failing output as in the scoped search.
+
+Matching by value cannot tell apart ops that torch has no tensor for (a Linear exported as MatMul and Add:
+``span`` names both), and a module whose output the exporter fused with a functional op that follows it (not
+a module: nothing rescues it) is named when anything after it diverges.
+
 None means no call diverges: the graph as written computes what the eval model does (a BN010 then comes from
-onnxruntime's graph optimisations, or from inputs other than these), or no node maps to any module (a graph
-not exported from this model, or with its names stripped). Comparing such a graph by shape order alone
-would name a wrong node as often as a right one, so it is not tried.
+onnxruntime's graph optimisations, or from inputs other than these).
 
 Limitations: every intermediate of one run is held in memory twice (torch and onnxruntime); compiled
 submodules (TorchScript) have no hooks and are compared only as part of their parent; only the top-level
@@ -73,7 +99,7 @@ import ast
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +109,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from bnfold.compare import OutputDiff, check_tolerance, compare_output, flatten_outputs
+from bnfold.compare import OutputDiff, check_tolerance, compare_output, flatten_outputs, resolve_tolerances
 from bnfold.errors import BnfoldError, first_line
+from bnfold.inputs import dtype_name
 from bnfold.onnx.graph import GraphIndex
 from bnfold.runtime import run_model
 
@@ -95,6 +122,7 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 #: onnxruntime's session option naming the folder of external tensor data for a graph passed as bytes.
 _EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 _SPAN_SHOWN = 4  # nodes of a span named in a message
+_INPUTS_SHOWN = 6  # inputs of a node matched by value named in a message (a BatchNormalization has 5)
 _REPEAT = re.compile(r"(.+)_(\d+)")  # the TorchScript exporter's suffix on a scope seen again: relu_1
 
 
@@ -111,24 +139,37 @@ class Divergence:
     # is in the ops before it, ``span`` (in graph order, when more than one), from the last tensors that agreed.
     before: str | None = None
     span: tuple[str, ...] = ()
+    # Set when the graph carries no module scopes and the module was matched by value (module docstring): the
+    # node's inputs are named, since its name and scope tell the user nothing.
+    by_value: bool = False
+    inputs: tuple[str, ...] = ()
 
     def message(self) -> str:
-        """One line: ``first divergence at ONNX node /conv2/Conv (module bn2, fused with conv2): max abs ...``."""
+        """One line: ``first divergence at ONNX node /conv2/Conv (module bn2, fused with conv2): max abs ...``;
+        matched by value: ``... at ONNX node Conv#2 (module bn2, fused with conv2, matched by value; inputs t1,
+        w, b): max abs ...``."""
         where = f"module {self.module}" if self.module else "the model's own forward"
         if self.fused:
             where += f", fused with {', '.join(self.fused)}"
         if self.before is not None:
             where += f", before module {self.before}, whose input already differs"
+        if self.by_value:
+            where += ", matched by value"
         if self.span:
-            shown = ", ".join(self.span[:_SPAN_SHOWN]) + (", ..." if len(self.span) > _SPAN_SHOWN else "")
-            where += f": one of {len(self.span)} ops {shown}"
+            where += f": one of {len(self.span)} ops {_listed(self.span, _SPAN_SHOWN)}"
+        if self.inputs:
+            where += f"; inputs {_listed(self.inputs, _INPUTS_SHOWN)}"
         return f"first divergence at ONNX node {self.onnx_node} ({where}): {self.diff.figure()}"
+
+
+def _listed(names: tuple[str, ...], shown: int) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def find_divergence(model_path: Path, torch_model: nn.Module, inputs: tuple[torch.Tensor, ...], *,
                     atol: float | None = None, rtol: float | None = None) -> Divergence | None:
     """The first ONNX node and torch module where the graph at ``model_path`` and ``torch_model`` disagree on
-    ``inputs``; None when none does or when no node maps to a module (module docstring: method, tolerances).
+    ``inputs``; None when the graph's outputs agree (module docstring: method, tolerances, the value fallback).
 
     ``torch_model`` runs as it is: pass it in the mode it was exported and compared in (eval). Raises
     BnfoldError when onnxruntime cannot run the graph with its intermediate tensors as outputs.
@@ -140,10 +181,13 @@ def find_divergence(model_path: Path, torch_model: nn.Module, inputs: tuple[torc
     model = onnx.load(str(model_path), load_external_data=False)
     graph = GraphIndex.of(model.graph)
     exporter = _map_nodes(graph, calls)
-    if exporter is None:
-        return None
     arrays = _run_all(model, inputs, graph, model_path.parent)
-    return _Search(calls, graph, arrays, atol, rtol).first(exporter == "ts", flatten_outputs(outputs))
+    flat = flatten_outputs(outputs)
+    if exporter is not None and any(c.nodes for c in calls if c.parent is not None):
+        found = _Search(calls, graph, arrays, atol, rtol).first(exporter == "ts", flat)
+        if found is not None:
+            return found
+    return _ValueSearch(calls, graph, arrays, atol, rtol).first(flat)
 
 
 # -- torch side ----------------------------------------------------------------------------------------------
@@ -546,3 +590,190 @@ class _Search:
 
     def divergence(self, index: int, module: str, diff: OutputDiff, **extra: Any) -> Divergence:
         return Divergence(self.graph.labels[index], self.graph.nodes[index].op_type, module, diff, **extra)
+
+
+# -- matching by value (graphs without module scopes) ------------------------------------------------------------
+def _fingerprint(values: np.ndarray) -> tuple[float, float]:
+    """(mean, max magnitude), in float64: a tensor within a bound of another has both within that bound."""
+    return float(np.mean(values, dtype=np.float64)), float(np.max(np.abs(values)))
+
+
+def _informative(tensor: torch.Tensor | None) -> bool:
+    """Whether matching ``tensor`` by value says anything: a float tensor of more than one value, all finite
+    (a constant one, all zeros after a ReLU, matches too much; a non-finite one matches nothing)."""
+    if tensor is None or not tensor.is_floating_point() or tensor.numel() < 2:
+        return False
+    values = tensor.detach().to("cpu", torch.float64)
+    return bool(torch.isfinite(values).all()) and bool(values.max() > values.min())
+
+
+@dataclass
+class _Tensors:
+    """The graph's floating-point tensors of one run (fed inputs and node outputs, Constant outputs left out),
+    bucketed by shape and sorted by mean within a bucket, so that finding the ones that match a torch tensor
+    costs a binary search and a look at the few whose mean and magnitude are close enough, not a comparison
+    with every tensor of its shape."""
+
+    arrays: dict[str, np.ndarray]
+    order: dict[str, int]  # name -> position in graph order (fed inputs first)
+    buckets: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, list[str]]]  # shape -> (means, magnitudes, names)
+
+    @classmethod
+    def of(cls, graph: GraphIndex, arrays: dict[str, np.ndarray]) -> _Tensors:
+        names = [*graph.fed, *(name for node in graph.nodes if node.op_type != "Constant" for name in node.output)]
+        order = {name: position for position, name in enumerate(dict.fromkeys(names))}
+        rows: dict[tuple[int, ...], list[tuple[float, float, str]]] = {}
+        for name in order:
+            if _floating(arrays.get(name)) and arrays[name].size:
+                mean, magnitude = _fingerprint(arrays[name])
+                if np.isfinite(mean) and np.isfinite(magnitude):  # a NaN or Inf fails every comparison
+                    rows.setdefault(arrays[name].shape, []).append((mean, magnitude, name))
+        buckets = {}
+        for shape, bucket in rows.items():
+            bucket.sort()
+            buckets[shape] = (np.array([r[0] for r in bucket]), np.array([r[1] for r in bucket]),
+                              [r[2] for r in bucket])
+        return cls(arrays, order, buckets)
+
+    def matching(self, ref: torch.Tensor, atol: float | None, rtol: float | None) -> list[str]:
+        """The tensors that agree with ``ref`` (ref as reference, :func:`compare_output`), in graph order.
+
+        An element passes within ``max(atol, rtol * scale)``, so a passing tensor's mean and largest magnitude
+        are each within that bound of ``ref``'s: only those are compared in full.
+        """
+        bucket = self.buckets.get(tuple(ref.shape))
+        if bucket is None:
+            return []
+        means, magnitudes, names = bucket
+        mean, scale = _fingerprint(ref.detach().to("cpu", torch.float64).numpy())
+        ref_atol, ref_rtol = resolve_tolerances(dtype_name(ref.dtype), atol, rtol)
+        bound = max(ref_atol, ref_rtol * scale) + 1e-9 * scale  # float64 rounding of the two fingerprints
+        low, high = np.searchsorted(means, mean - bound, "left"), np.searchsorted(means, mean + bound, "right")
+        found = [names[i] for i in range(low, high) if abs(magnitudes[i] - scale) <= bound
+                 and compare_output(names[i], ref, self.arrays[names[i]], atol, rtol).passed]
+        return sorted(found, key=self.order.__getitem__)
+
+
+@dataclass
+class _ValueSearch:
+    """The diagnosis of a graph whose nodes map to no module call: module calls matched to tensors by value
+    (module docstring)."""
+
+    calls: list[_Call]  # completion order
+    graph: GraphIndex
+    arrays: dict[str, np.ndarray]
+    atol: float | None
+    rtol: float | None
+
+    def first(self, outputs: dict[str, Any]) -> Divergence | None:
+        """The first call that no tensor matches while one matches its input; else the model's own ops."""
+        failing = [name for name, value in zip(self.graph.outputs, outputs.values())
+                   if isinstance(value, torch.Tensor) and value.is_floating_point() and name in self.arrays
+                   and not compare_output(name, value, self.arrays[name], self.atol, self.rtol).passed]
+        if not failing:
+            return None  # the graph computes what the model does: nothing to find
+        tensors = _Tensors.of(self.graph, self.arrays)
+        modules = [c for c in self.calls if c.parent is not None and _informative(c.output)]
+        matched = {c: tensors.matching(c.output, self.atol, self.rtol) for c in modules}
+        entering = {c: tensors.matching(c.input, self.atol, self.rtol) for c in modules if _informative(c.input)}
+        agreed = set().union(*matched.values(), *entering.values())
+        search = _Search(self.calls, self.graph, self.arrays, self.atol, self.rtol,
+                         agreed={self.graph.producer[t] for t in agreed if t in self.graph.producer})
+        upstream = _upstream(self.graph, failing)
+        consumers = _consumers(modules)
+        rescued = _rescued(modules, matched, consumers)
+        for call in modules:
+            if matched[call] or rescued[call] or call not in entering:
+                continue
+            found = (self.localize(_chain(call, consumers), entering[call], agreed, upstream, search)
+                     if entering[call] else self.before(call, agreed, upstream, search))
+            if found is not None:
+                return self.named(found)
+        found = search.compare_outputs(outputs)  # every module agreed: the model's own ops
+        return self.named(found) if found is not None else None
+
+    def named(self, found: Divergence) -> Divergence:
+        """``found``, marked as matched by value, with its node's inputs."""
+        node = self.graph.nodes[self.graph.labels.index(found.onnx_node)]
+        return replace(found, by_value=True, inputs=tuple(node.input))
+
+    def before(self, call: _Call, agreed: set[str], upstream: list[int], search: _Search) -> Divergence | None:
+        """The input of ``call`` already matches nothing: the divergence is in the ops before it, up to the first
+        tensor of its input's shape that matches nothing and feeds a failing output."""
+        shape = tuple(call.input.shape)
+        target = next((name for index in upstream for name in self.graph.nodes[index].output
+                       if name not in agreed and _floating(self.arrays.get(name), shape)), None)
+        if target is None:
+            return None
+        diff = compare_output(target, call.input, self.arrays[target], self.atol, self.rtol)
+        return search.reached(target, diff, before=call.name)
+
+    def localize(self, chain: list[_Call], starts: list[str], agreed: set[str], upstream: list[int],
+                 search: _Search) -> Divergence | None:
+        """The divergence inside ``chain[0]`` (``chain``: it and the calls fused after it), whose input is
+        ``starts``: the first tensor computed from them, of a chain call's output shape, that matches nothing
+        and feeds a failing output; the first node between ``starts`` and it; the chain call it is closest to."""
+        shapes = {tuple(c.output.shape) for c in chain}
+        live, reach = set(starts), set()
+        target = None
+        for index in upstream:  # graph order: a node is reached once any input is
+            node = self.graph.nodes[index]
+            if not any(name in live for name in node.input):
+                continue
+            reach.add(index)
+            live.update(node.output)
+            target = target or next((name for name in node.output if name not in agreed
+                                     and _floating(self.arrays.get(name)) and self.arrays[name].shape in shapes), None)
+        if target is None:
+            return None
+        span = [i for i in search.span(self.graph.producer[target]) if i in reach]
+        diffs = [(compare_output(target, c.output, self.arrays[target], self.atol, self.rtol), position)
+                 for position, c in enumerate(chain) if tuple(c.output.shape) == self.arrays[target].shape]
+        diff, position = min(diffs, key=lambda d: (d[0].mean_abs / d[0].scale if d[0].scale > 0 else np.inf, d[1]))
+        names = tuple(self.graph.labels[i] for i in span)
+        return search.divergence(span[0], chain[position].name, diff, fused=tuple(c.name for c in chain[:position]),
+                                 span=names if len(names) > 1 else ())
+
+
+def _upstream(graph: GraphIndex, tensors: list[str]) -> list[int]:
+    """The nodes that ``tensors`` are computed from, themselves included, in graph order."""
+    seen: set[int] = set()
+    todo = [graph.producer[t] for t in tensors if t in graph.producer]
+    while todo:
+        index = todo.pop()
+        if index not in seen:
+            seen.add(index)
+            todo.extend(graph.producer[n] for n in graph.nodes[index].input if n in graph.producer)
+    return sorted(seen)
+
+
+def _consumers(calls: list[_Call]) -> dict[_Call, list[_Call]]:
+    """The calls that take each call's output as their first input, unchanged, in completion order."""
+    consumers: dict[_Call, list[_Call]] = {}
+    for call in calls:
+        if call.producer is not None:
+            consumers.setdefault(call.producer, []).append(call)
+    return consumers
+
+
+def _rescued(calls: list[_Call], matched: dict[_Call, list[str]], consumers: dict[_Call, list[_Call]]
+             ) -> dict[_Call, bool]:
+    """Whether a call's output is computed correctly inside a later node: a call that takes it, or one taking
+    that one's output, and so on, is matched (a Conv whose BN the exporter folded into it: the conv's output
+    exists in no tensor, the BN's does)."""
+    rescued: dict[_Call, bool] = {}
+    for call in reversed(calls):  # a consumer completes after its producer
+        rescued[call] = any(matched.get(c) or rescued.get(c, False) for c in consumers.get(call, ()))
+    return rescued
+
+
+def _chain(call: _Call, consumers: dict[_Call, list[_Call]]) -> list[_Call]:
+    """``call`` and the calls that may be computed in the same nodes: each the first that takes the previous
+    one's output, of the same shape (a conv, then the BN folded into it)."""
+    chain = [call]
+    while True:
+        following = [c for c in consumers.get(chain[-1], ()) if c.output is not None
+                     and tuple(c.output.shape) == tuple(call.output.shape)]
+        if not following:
+            return chain
+        chain.append(following[0])
