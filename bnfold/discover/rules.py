@@ -174,13 +174,13 @@ def out_channels(layer: LayerRef) -> int | None:
     return layer.shape[1] * layer.groups if layer.kind == "conv_transpose" else layer.shape[0]
 
 
-def per_channel(shape: tuple[int, ...], rank: int) -> bool:
-    """Whether a constant of ``shape``, broadcast against a rank-``rank`` tensor, varies along axis 1 at most (so
-    multiplying by it scales channels: a layer scale)."""
+def per_channel(shape: tuple[int, ...], rank: int, axis: int = 1) -> bool:
+    """Whether a constant of ``shape``, broadcast against a rank-``rank`` tensor, varies along ``axis`` (the channel
+    axis) at most (so multiplying by it scales channels, a layer scale; adding it shifts them, a bias)."""
     if len(shape) > rank:
         return False
     full = (1,) * (rank - len(shape)) + tuple(int(d) for d in shape)
-    return all(d == 1 for axis, d in enumerate(full) if axis != 1)
+    return all(d == 1 for other, d in enumerate(full) if other != axis)
 
 
 def _only_reader(node: Node, readers: set[int]) -> bool:

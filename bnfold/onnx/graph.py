@@ -1,12 +1,17 @@
 """An ONNX graph as the pairing graph of :mod:`bnfold.discover.graph`, and as a tensor host for ``apply_fold``.
 
 :func:`translate` makes one :class:`~bnfold.discover.graph.Node` per ONNX node of the main graph, with a
-``LayerRef`` on Conv, ConvTranspose, Gemm and MatMul (a MatMul followed by a bias ``Add`` is one layer, carried
-by both nodes) and a ``BNRef`` on BatchNormalization; :func:`plan` pairs them with the shared rules. What the
-shared rules cannot see is ONNX-specific and decided here, each as a node's refusal: a parameter that is not a
-constant (a graph input, an initializer also listed as a graph input, the output of a node), ``spatial=0``
-(opsets 7 and 8), ``training_mode=1``, a Gemm with ``transA=1`` (its input rows are not features), a MatMul
-without a constant 2-D weight or of unknown rank.
+``LayerRef`` on Conv, ConvTranspose, Gemm and MatMul and a ``BNRef`` on BatchNormalization; :func:`plan` pairs them
+with the shared rules. A layer followed by a *bias node* is one layer, carried by both nodes: an ``Add`` (either
+operand order) or a ``Sub`` (``layer - c``) of a constant ``c`` that varies along the layer's output channel axis
+alone (axis 1 of a Conv/ConvTranspose output, the last axis of a Gemm/MatMul one; a scalar too), the layer's output
+read by that node alone, as exporters such as paddle2onnx write every bias. Folding makes ``c`` (``-c``) the layer's
+bias, added to its own (:meth:`OnnxHost.claim_layer`). What the shared rules cannot see is ONNX-specific and decided
+here, each as a node's refusal: a parameter that is not a constant (a graph input, an initializer also listed as a
+graph input, the output of a node), ``spatial=0`` (opsets 7 and 8), ``training_mode=1``, a Gemm with ``transA=1``
+(its input rows are not features), a MatMul without a constant 2-D weight or of unknown rank, and an ``Add``/``Sub``
+of a constant after a layer that is no bias (``c - layer``, a constant that broadcasts over other axes, a layer
+output read elsewhere too, a "constant" fed at run time).
 
 A graph is indexed in one place, :class:`GraphIndex` (producer and readers of every name, constants, inputs,
 outputs), and its nodes are labelled in one place, :func:`node_labels`; every module that walks an ONNX graph
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +40,7 @@ from onnx import TensorProto, numpy_helper
 
 from bnfold.discover.graph import Discovery, Factor, Fold, Merge, Node, Skip, pair
 from bnfold.discover.reasons import Reason
-from bnfold.discover.rules import per_channel
+from bnfold.discover.rules import out_channels, per_channel
 from bnfold.errors import LoadError
 from bnfold.fold.apply import CannotFold
 from bnfold.layers import BNRef, Geometry, LayerRef
@@ -320,23 +326,68 @@ def _padded(node: onnx.NodeProto) -> bool:
     return auto_pad in _PADDING_AUTO or any(p != 0 for p in attrs.get("pads", ()))
 
 
-def _bias_add(index: GraphIndex, matmul: int, features: int) -> tuple[int, str] | None:
-    """The ``Add`` that adds a per-feature constant to MatMul ``matmul``'s output: (node index, bias name)."""
-    out = index.nodes[matmul].output[0]
-    if index.users(out) != 1 or len(index.readers.get(out, ())) != 1:
+@dataclass(frozen=True)
+class _BiasNode:
+    """An ``Add``/``Sub`` that adds a constant to a layer's output: the layer's bias unless it says why not."""
+
+    position: int
+    refusal: Reason | None = None
+
+
+def _bias_node(index: GraphIndex, position: int, layer: LayerRef, rank: int, axis: int,
+               shapes: dict[str, tuple[int | None, ...]]) -> _BiasNode | None:
+    """The bias node after layer ``position`` (see the module docstring), whose rank-``rank`` output has its channels
+    on ``axis``; with a refusal when it adds a constant but not as a bias; None when no node adds one."""
+    out, label, channels = index.nodes[position].output[0], index.labels[position], out_channels(layer)
+
+    def per_channel_bias(shape: tuple[int | None, ...]) -> bool:
+        return None not in shape and per_channel(shape, rank, axis) and math.prod(shape) in (1, channels)
+
+    def adds_constant(reader: int, slot: int) -> bool:
+        """A would-be bias, not a sum of two data tensors: a constant, or a graph input shaped like a bias."""
+        node = index.nodes[reader]
+        if node.op_type not in ("Add", "Sub") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            return False
+        other = node.input[1 - slot]
+        return other != out and (other in index.constants or
+                                 (other in index.inputs and per_channel_bias(shapes.get(other, (None,)))))
+
+    found = next((read for read in index.readers.get(out, ()) if adds_constant(*read)), None)
+    if found is None:
         return None
-    add_index, _ = index.readers[out][0]
-    add = index.nodes[add_index]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
-        return None
-    other = add.input[1] if add.input[0] == out else add.input[0]
-    const = index.constants.get(other)
-    if other == out or const is None or index.not_constant(other, "bias") or const.data_type not in FLOAT_TYPES:
-        return None
-    # (N,), (1, N), a scalar: the same value for every row, so it is the layer's bias.
-    if len(const.shape) > 2 or any(d != 1 for d in const.shape[:-1]) or const.shape[-1:] not in ((), (1,), (features,)):
-        return None
-    return add_index, other
+    reader, slot = found
+    constant = index.nodes[reader].input[1 - slot]
+
+    def refused(code: str, text: str) -> _BiasNode:
+        return _BiasNode(reader, Reason(code, text))
+
+    if index.nodes[reader].op_type == "Sub" and slot == 1:
+        return refused("not-a-layer", f"constant '{constant}' is its first operand: '{constant}' - {label} negates "
+                       f"{label}'s output, it is not a bias (only {label} - constant is one)")
+    if index.users(out) != 1:
+        others = [index.labels[p] for p, _ in index.readers[out] if p != reader]
+        others += ["a subgraph"] * bool(index.nested.get(out)) + ["the model output"] * (out in index.outputs)
+        return refused("shared-output", f"operand {label} also feeds {', '.join(others)}: its constant "
+                       f"'{constant}' cannot become {label}'s bias without changing what those see")
+    reason = _float_param(index, constant, "bias")
+    if reason is not None:
+        return refused(reason.code, reason.text)
+    shape = index.constants[constant].shape
+    if not per_channel_bias(shape):
+        bias_shape = (1,) * axis + (channels,) + (1,) * (rank - axis - 1)
+        return refused("broadcast", f"constant '{constant}' of shape {shape} does not vary along {label}'s channel "
+                       f"axis alone (axis {axis} of its rank-{rank} output): it is not a per-channel bias, which has "
+                       f"shape {bias_shape} (or fewer leading 1s)")
+    return _BiasNode(reader)
+
+
+def _output_axis(node: onnx.NodeProto, layer: LayerRef, ranks: dict[str, int]) -> tuple[int, int]:
+    """The rank of a layer's output and its channel axis: axis 1 of a Conv's (of its weight's rank), the last of a
+    Gemm's (rank 2) or a MatMul's (its input's rank)."""
+    if layer.kind != "linear":
+        return len(layer.shape), 1
+    rank = 2 if node.op_type == "Gemm" else ranks[node.input[0]]
+    return rank, rank - 1
 
 
 @dataclass
@@ -350,35 +401,33 @@ class Translation:
 
 
 def _layer_ref(node: onnx.NodeProto, position: int, index: GraphIndex,
-               ranks: dict[str, int]) -> tuple[LayerRef | None, Reason | None, int | None]:
-    """(the layer, why it cannot fold, the index of a bias Add that carries the same layer)."""
+               ranks: dict[str, int]) -> tuple[LayerRef | None, Reason | None]:
+    """(the layer, why it cannot fold); its bias node, if any, is :func:`_bias_node`'s."""
     op, label, attrs = node.op_type, index.labels[position], attributes(node)
     inputs = list(node.input) + [""] * 3
     if op == "MatMul" and inputs[0] in index.constants and inputs[1] not in index.constants:
         return None, Reason("not-a-layer", f"constant '{inputs[0]}' is its first operand: it is not a layer applied "
-                            "to the data"), None
+                            "to the data")
     weight, bias = inputs[1], inputs[2] if op != "MatMul" else ""
     reason = _float_param(index, weight, "weight") or (_float_param(index, bias, "bias") if bias else None)
     if reason:
-        return None, reason, None
+        return None, reason
     shape = index.constants[weight].shape
     if op in ("Conv", "ConvTranspose"):
         kind = "conv" if op == "Conv" else "conv_transpose"
         return LayerRef(label, kind, weight, bias or None, groups=int(attrs.get("group", 1)),
                         padded=op == "Conv" and _padded(node), module=label, shape=shape,
-                        geometry=_geometry(attrs, shape) if op == "Conv" else None), None, None
+                        geometry=_geometry(attrs, shape) if op == "Conv" else None), None
     if len(shape) != 2:
         return None, Reason("weight-shape", f"weight '{weight}' has shape {shape}: only a 2-D constant weight "
-                            "folds"), None
+                            "folds")
     if op == "Gemm":
         torch_shape = shape if attrs.get("transB", 0) == 1 else shape[::-1]
-        return LayerRef(label, "linear", weight, bias or None, module=label, shape=torch_shape), None, None
+        return LayerRef(label, "linear", weight, bias or None, module=label, shape=torch_shape), None
     if ranks.get(inputs[0]) is None:
         return None, Reason("unknown-shape", f"input '{inputs[0]}' has unknown rank, so bnfold cannot tell whether "
-                            "the BN's axis 1 is its feature axis; give the graph inputs a fixed rank"), None
-    found = _bias_add(index, position, shape[1])
-    bias_node, bias = found if found else (None, None)
-    return LayerRef(label, "linear", weight, bias, module=label, shape=shape[::-1]), None, bias_node
+                            "the BN's axis 1 is its feature axis; give the graph inputs a fixed rank")
+    return LayerRef(label, "linear", weight, None, module=label, shape=shape[::-1]), None
 
 
 def _geometry(attrs: dict[str, object], shape: tuple[int, ...]) -> Geometry | None:
@@ -449,9 +498,10 @@ def translate(model: onnx.ModelProto) -> Translation:
     zeros = _zero_constants(index)
     nodes: dict[int, Node] = {}
     rows_as_input: set[str] = set()
+    data_of: dict[int, str] = {}  # bias node position -> its data operand, the layer's output (either order)
     for position, onnx_node in enumerate(index.nodes):
         label = index.labels[position]
-        data = onnx_node.input[0] if onnx_node.input else ""
+        data = data_of.get(position) or (onnx_node.input[0] if onnx_node.input else "")
         node = nodes.setdefault(position, Node(key=position, label=label))
         node.name = label
         node.input = index.producer.get(data) if data else None
@@ -468,10 +518,16 @@ def translate(model: onnx.ModelProto) -> Translation:
         if standard and onnx_node.op_type == "BatchNormalization":
             node.bn, node.refusal = _bn_ref(onnx_node, label, index)
         elif standard and onnx_node.op_type in _LAYER_OPS and len(onnx_node.input) >= 2:
-            layer, node.refusal, bias_node = _layer_ref(onnx_node, position, index, ranks)
+            layer, node.refusal = _layer_ref(onnx_node, position, index, ranks)
+            found = _bias_node(index, position, layer, *_output_axis(onnx_node, layer, ranks), shapes) if layer else None
+            if found is not None:  # a bias node carries the same layer (a BN after it folds into both), or says why not
+                # Until the host makes its constant the layer's own (OnnxHost.claim_layer), the layer's bias is
+                # named by the node's output: not a constant, as a bias of the layer's own is.
+                layer = layer if found.refusal else dataclasses.replace(layer, bias=index.nodes[found.position].output[0])
+                nodes[found.position] = Node(key=found.position, label=index.labels[found.position],
+                                             layer=None if found.refusal else layer, refusal=found.refusal)
+                data_of[found.position] = onnx_node.output[0]
             node.layer = layer
-            if bias_node is not None:  # the bias Add carries the same layer: a BN after it folds into both
-                nodes[bias_node] = Node(key=bias_node, label=index.labels[bias_node], layer=layer)
             if onnx_node.op_type == "Gemm" and attributes(onnx_node).get("transA", 0) == 1:
                 rows_as_input.add(label)
     for name, reads in index.readers.items():
@@ -631,13 +687,19 @@ class OnnxHost:
         self._written = len(self._index.nodes)  # nodes the graph came with; those after them are added here
         self._dropped: set[int] = set()  # positions of removed nodes
         self._after: dict[int, list[int]] = {}  # position -> positions of the nodes inserted right after it
-        self._bias_adds: dict[str, tuple[int, int]] = {}  # MatMul label -> (Add position, slot) added here
+        self._bias_adds: dict[str, tuple[int, int]] = {}  # MatMul label -> (Add position, slot) of its bias
+        self._absorbed: set[str] = set()  # labels of layers whose bias node is their bias now (claim_layer)
+        # A bias that is the sum of a layer's own and its bias node's, in float64 until the fold writes it: the
+        # stored copy is rounded already, and the fold must round only once.
+        self._exact: dict[str, torch.Tensor] = {}
         self._names = set(self._index.initializers) | self._index.inputs | set(self._index.outputs) | {
             name for _, node in _labelled(graph) for name in (*node.input, *node.output, node.name) if name}
         self.notes: list[str] = []
 
     # -- the host interface of apply_fold
     def get(self, path: str) -> torch.Tensor:
+        if path in self._exact:
+            return self._exact[path].clone()
         layouts = {_layout(node, slot) for node, slot in self._index.reading(path)} or {_IDENTITY}
         if len(layouts) > 1:
             raise CannotFold(f"tensor '{path}' is read in different layouts by several nodes")
@@ -651,6 +713,7 @@ class OnnxHost:
         readers = self._index.reading(path)
         layout = _layout(*readers[0]) if readers else _IDENTITY
         assert self._index.users(path) <= 1, f"{path} is shared: claim() the fold before writing"
+        self._exact.pop(path, None)
         value = value.T if layout.transpose else value
         self._write(path, to_stored(value, self._stored(path).data_type))
         if layout.reset and layout.scale != 1.0:  # the scale now lives in the tensor
@@ -666,10 +729,8 @@ class OnnxHost:
         """A zero bias for ``layer``: input C / B of Gemm and Conv, or a new ``Add`` after a MatMul."""
         position = self._by_label[layer.name]
         node = self._index.nodes[position]
-        weight = self._stored(layer.weight)
-        shape = weight.shape[::-1] if _layout(node, 1).transpose else weight.shape  # stored (K, N): N outputs
-        out = shape[1] * layer.groups if layer.kind == "conv_transpose" else shape[0]
-        name = self._new_initializer(f"{layer.weight}_bias", to_stored(torch.zeros(out), weight.data_type))
+        name = self._new_initializer(f"{layer.weight}_bias", to_stored(torch.zeros(self._out_channels(layer, node)),
+                                                                       self._stored(layer.weight).data_type))
         if node.op_type != "MatMul":
             with self._index.editing(position):
                 node.input.extend([""] * (3 - len(node.input)))
@@ -709,9 +770,10 @@ class OnnxHost:
 
         A weight two nodes read must not change for the one that keeps its BN: the folding node gets a copy
         under a new name. The bias is looked up again, since an earlier fold into the same layer may have added
-        one.
+        one. A bias node (see the module docstring) becomes the layer's own bias first (:meth:`_absorb_bias`).
         """
         position = self._by_label[layer.name]
+        self._absorb_bias(layer, position)
         names: dict[str, str | None] = {}
         for role, found in (("weight", (position, 1)), ("bias", self._bias_slot(layer, position))):
             if found is None:
@@ -773,16 +835,58 @@ class OnnxHost:
             node.input[slot] = name
 
     def _bias_slot(self, layer: LayerRef, position: int) -> tuple[int, int] | None:
-        """Where ``layer``'s bias is read: (node position, input slot), None when it has none."""
+        """Where ``layer``'s bias is read once its bias node is absorbed: (node position, input slot), None when it
+        has none."""
         node = self._index.nodes[position]
         if node.op_type != "MatMul":
             return (position, 2) if len(node.input) > 2 and node.input[2] else None
-        if layer.name in self._bias_adds:
-            return self._bias_adds[layer.name]
-        if layer.bias is None:
-            return None
-        add = next(p for p, _ in self._index.readers[node.output[0]] if self._index.nodes[p].op_type == "Add")
-        return add, list(self._index.nodes[add].input).index(layer.bias)
+        return self._bias_adds.get(layer.name)
+
+    def _absorb_bias(self, layer: LayerRef, position: int) -> None:
+        """Make ``layer``'s bias node its own bias: ``b + c`` (``b - c`` after a Sub; ``b`` the layer's own bias, or
+        zero) in a new tensor the layer alone reads. A Conv, ConvTranspose or Gemm reads it as input B/C and writes
+        the bias node's output name, and the node goes; a MatMul's bias node becomes ``Add(matmul, bias)``. Exact:
+        only a sum with the layer's own bias rounds, and the fold reads it unrounded (:attr:`_exact`).
+
+        Translation names a layer with a bias node by that node's output as its bias (:func:`translate`): not a
+        constant, as a bias of the layer's own is, so the node is found here, not decided again."""
+        node = self._index.nodes[position]
+        if layer.name in self._absorbed or layer.bias is None or layer.bias in self._index.constants:
+            return  # no bias node (a bias of its own is a constant), or absorbed by an earlier fold
+        readers = self._index.readers.get(node.output[0], [])
+        if len(readers) != 1 or self._index.nodes[readers[0][0]].output[:1] != [layer.bias]:
+            raise CannotFold(f"the node writing '{layer.bias}', {layer.name}'s bias, no longer reads its output alone")
+        add_position, data_slot = readers[0]
+        add = self._index.nodes[add_position]
+        sign = -1.0 if add.op_type == "Sub" else 1.0
+        value = torch.zeros(self._out_channels(layer, node), dtype=torch.float64)
+        value = value + sign * to_float64(self._array(add.input[1 - data_slot])).reshape(-1)
+        own = self._bias_slot(layer, position)
+        if own is not None:
+            value = value + self.get(node.input[own[1]])  # a Gemm's beta included
+        name = self._new_initializer(f"{layer.weight}_bias", to_stored(value, self._stored(layer.weight).data_type))
+        self._absorbed.add(layer.name)
+        if node.op_type == "MatMul":
+            with self._index.editing(add_position):
+                add.op_type = "Add"
+                del add.input[:]
+                add.input.extend([node.output[0], name])
+            self._bias_adds[layer.name] = (add_position, 1)
+        else:
+            self._index.forget(add_position)
+            self._dropped.add(add_position)
+            with self._index.editing(position):
+                node.input.extend([""] * (3 - len(node.input)))
+                node.input[2] = name
+                node.output[0] = add.output[0]
+        self.set(name, value)  # through set(): a Gemm's beta becomes 1 once it lives in the tensor
+        self._exact[name] = value
+
+    def _out_channels(self, layer: LayerRef, node: onnx.NodeProto) -> int:
+        """``layer``'s output channels, from its weight as stored (a Gemm B or MatMul weight ``(K, N)``: N)."""
+        weight = self._stored(layer.weight)
+        shape = weight.shape[::-1] if _layout(node, 1).transpose else weight.shape
+        return shape[1] * layer.groups if layer.kind == "conv_transpose" else shape[0]
 
     def _constant(self, name: str) -> onnx.NodeProto:
         """The ``Constant`` node writing ``name`` (a constant that is not an initializer)."""
