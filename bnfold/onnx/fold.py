@@ -13,7 +13,7 @@ import onnx
 
 from bnfold.discover.graph import Discovery, Fold, Skip
 from bnfold.fold.apply import apply_plan
-from bnfold.onnx.constants import computed_weights, fold_constant_weights
+from bnfold.onnx.constants import computed_constants, fold_computed_constants
 from bnfold.onnx.graph import OnnxHost, check_supported, plan, translate
 
 
@@ -33,7 +33,7 @@ def discover_graph(model: onnx.ModelProto) -> Discovery:
     Raises :class:`bnfold.errors.LoadError` for a model bnfold cannot fold (opset, unknown operators).
     """
     check_supported(model)
-    if computed_weights(model):  # planned as fold_graph folds it: on a copy with those weights evaluated
+    if computed_constants(model):  # planned as fold_graph folds it: on a copy with those constants evaluated
         work = onnx.ModelProto()
         work.CopyFrom(model)
         return _plan(work)
@@ -41,9 +41,9 @@ def discover_graph(model: onnx.ModelProto) -> Discovery:
 
 
 def _plan(work: onnx.ModelProto) -> Discovery:
-    """Evaluate ``work``'s layer weights computed from constants (in place: ``work`` is a copy, or the model
-    has none), then pair."""
-    evaluated = fold_constant_weights(work)
+    """Evaluate the parameters ``work`` computes from constants (in place: ``work`` is a copy, or the model has
+    none; :mod:`bnfold.onnx.constants`), then pair."""
+    evaluated = fold_computed_constants(work)
     found = plan(translate(work))
     found.notes = evaluated + found.notes
     return found
