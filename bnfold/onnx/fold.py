@@ -33,19 +33,45 @@ def discover_graph(model: onnx.ModelProto) -> Discovery:
     Raises :class:`bnfold.errors.LoadError` for a model bnfold cannot fold (opset, unknown operators).
     """
     check_supported(model)
-    if computed_constants(model):  # planned as fold_graph folds it: on a copy with those constants evaluated
+    if computed_constants(model) or listed_defaults(model):  # planned as fold_graph folds it, on a copy
         work = onnx.ModelProto()
         work.CopyFrom(model)
         return _plan(work)
     return _plan(model)
 
 
+def listed_defaults(model: onnx.ModelProto) -> list[str]:
+    """Initializers an IR < 4 model lists among its graph inputs. IR 3 required every initializer to be listed
+    there, so the listing says nothing: onnxruntime reads them as constants (only from IR 4 on can a caller
+    override an initializer listed as an input, and there bnfold refuses to fold it)."""
+    if model.ir_version >= 4:
+        return []
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name in initializers]
+
+
+def _unlist_defaults(work: onnx.ModelProto) -> list[str]:
+    """Take an IR < 4 model's initializers out of its graph inputs and write it as IR 4, where that means the
+    same (in place); the note, or nothing when there was none."""
+    listed = set(listed_defaults(work))
+    if not listed:
+        return []
+    kept = [i for i in work.graph.input if i.name not in listed]
+    del work.graph.input[:]
+    work.graph.input.extend(kept)
+    old, work.ir_version = work.ir_version, 4
+    return [f"IR version {old}: its {len(listed)} initializer(s) listed as graph inputs (as IR 3 required) are "
+            "constants, as onnxruntime reads them; written as IR 4, which lists only the inputs a caller feeds"]
+
+
 def _plan(work: onnx.ModelProto) -> Discovery:
-    """Evaluate the parameters ``work`` computes from constants (in place: ``work`` is a copy, or the model has
-    none; :mod:`bnfold.onnx.constants`), then pair."""
+    """Read an IR < 4 model's listed initializers as constants, evaluate the parameters ``work`` computes from
+    constants (both in place: ``work`` is a copy, or the model has neither; :mod:`bnfold.onnx.constants`), then
+    pair."""
+    unlisted = _unlist_defaults(work)
     evaluated = fold_computed_constants(work)
     found = plan(translate(work))
-    found.notes = evaluated + found.notes
+    found.notes = unlisted + evaluated + found.notes
     return found
 
 
