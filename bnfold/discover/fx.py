@@ -65,6 +65,23 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return is_bn_module(m) or producer_ref(qualname, m) is not None or super().is_leaf_module(m, qualname)
 
+#: Dropout modules, and dropout calls (their ``training``/``train`` argument: name, position, default): not
+#: training, each computes its input, so a BN after conv -> dropout folds through it.
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_DROPOUT_CALLS: dict[Any, tuple[str, int, bool]] = {
+    **{f: ("training", 2, True) for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                                          F.feature_alpha_dropout)},
+    **{f: ("train", 2, False) for f in (_aten.dropout.default, _aten.feature_dropout.default,
+                                        _aten.alpha_dropout.default, _aten.feature_alpha_dropout.default)},
+}
+
+
+def _dropout_training(fx_node: fx.Node) -> bool:
+    """Whether a dropout call may be random: its flag, unless it is a constant False."""
+    name, position, default = _DROPOUT_CALLS[fx_node.target]
+    flag = fx_node.kwargs.get(name, fx_node.args[position] if len(fx_node.args) > position else default)
+    return flag is not False
+
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; raises whatever torch.fx raises for untraceable code."""
@@ -100,7 +117,7 @@ def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
             node.calls = calls[fx_node.target]
             if is_bn_module(module):
                 node.bn = bn_ref(fx_node.target, module)
-            elif type(module) is nn.Identity and fx_node.args:
+            elif (type(module) is nn.Identity or isinstance(module, _DROPOUTS) and not module.training) and fx_node.args:
                 node.op, node.operands = "identity", [_operand(fx_node.args[0], index)]
             else:
                 node.layer = producer_ref(fx_node.target, module)
@@ -108,6 +125,8 @@ def graph_nodes(gm: fx.GraphModule, root: nn.Module) -> dict[int, Node]:
             node.bn = functional_bn_ref(fx_node)
         elif fx_node.target in _LAYER_CALLS:
             node.layer, node.refusal = functional_layer_ref(fx_node)
+        elif fx_node.target in _DROPOUT_CALLS and fx_node.args and not _dropout_training(fx_node):
+            node.op, node.operands = "identity", [_operand(fx_node.args[0], index)]
         elif _is_call(fx_node, _ADDS | _SUBS):
             node.op, node.operands = _sum_operands(fx_node, index, "sub" if _is_call(fx_node, _SUBS) else "add")
             node.label = fx_node.name

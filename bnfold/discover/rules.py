@@ -85,7 +85,24 @@ def not_adjacent(bn_node: Node, nodes: dict[int, Node]) -> Reason:
 
 
 def _source(bn_node: Node, nodes: dict[int, Node]) -> Node | None:
-    return nodes.get(bn_node.input) if bn_node.input is not None else None
+    """The node feeding the BN, through the pass-through nodes on the way (:func:`_passing`)."""
+    chain = _passing(bn_node, nodes)
+    last = chain[-1]
+    return nodes.get(last.input) if last.input is not None else None
+
+
+def _passing(bn_node: Node, nodes: dict[int, Node]) -> list[Node]:
+    """The BN, then each Identity (an inference Dropout in ONNX, ``nn.Identity`` / an eval ``nn.Dropout`` in torch)
+    between it and the node that feeds it, innermost last: each read by the next alone, none a model output. A
+    fold through them is exact, and the BN's output name goes to the last of them."""
+    chain = [bn_node]
+    while chain[-1].input is not None:
+        src = nodes.get(chain[-1].input)
+        if (src is None or src.op != "identity" or src.layer is not None or src.bn is not None or src.is_output
+                or src.users != [chain[-1].key] or src.input is None):
+            break
+        chain.append(src)
+    return chain
 
 
 def _linear_rank(layer: LayerRef, rank: int | None) -> Reason | None:
@@ -111,7 +128,8 @@ def _check_after(bn_node: Node, src: Node, nodes: dict[int, Node]) -> Reason | N
     if src.calls > 1:
         return Reason("layer-reused", f"producer {layer.name} runs {src.calls} times per forward (shared weights): "
                                       "folding would change every call")
-    others = [nodes[u].label for u in src.users if u != bn_node.key]
+    reader = _passing(bn_node, nodes)[-1]
+    others = [nodes[u].label for u in src.users if u != reader.key]
     if others or src.is_output:
         where = ", ".join(others + (["the model output"] if src.is_output else []))
         return Reason("shared-output", f"output of {layer.name} also feeds {where}: folding would change what "

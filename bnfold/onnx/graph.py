@@ -513,7 +513,7 @@ def translate(model: onnx.ModelProto) -> Translation:
             node.rank, node.channels = len(out_shape), out_shape[1] if len(out_shape) > 1 else None
         standard = onnx_node.domain in ("", "ai.onnx")
         if standard and node.layer is None and onnx_node.op_type in ("Add", "Sum", "Sub", "Mul", "Identity",
-                                                                     "Concat"):
+                                                                     "Concat", "Dropout"):
             _mark_structure(node, onnx_node, index, zeros)
         if standard and onnx_node.op_type == "BatchNormalization":
             node.bn, node.refusal = _bn_ref(onnx_node, label, index)
@@ -545,6 +545,22 @@ def translate(model: onnx.ModelProto) -> Translation:
     return Translation(nodes, rows_as_input, nested, notes)
 
 
+def _inference_dropout(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """A Dropout that computes its input: no ``training_mode`` input (opset 12+) or a constant false one, and its
+    mask output unread. (A training-mode Dropout is random at inference: BN009.)"""
+    if len(node.output) > 1 and node.output[1] and index.users(node.output[1]):
+        return False
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    tensor = index.tensor(node.input[2])
+    if tensor is None or node.input[2] in index.inputs or tensor.data_location == TensorProto.EXTERNAL:
+        return False
+    try:
+        return not bool(np.asarray(numpy_helper.to_array(tensor)).any())
+    except (ValueError, TypeError):
+        return False
+
+
 def _zero_constants(index: GraphIndex) -> set[str]:
     """Zero scalars (an exporter's ``0 + x``): an Add with one adds nothing. Only a scalar or a single-element
     vector: a larger zero tensor could broadcast the sum to another shape."""
@@ -564,12 +580,17 @@ def _zero_constants(index: GraphIndex) -> set[str]:
 
 
 def _mark_structure(node: Node, onnx_node: onnx.NodeProto, index: GraphIndex, zeros: set[str]) -> None:
-    """An Add, Sum, Sub, Identity, Mul by a per-channel constant, or Concat, for the structural rules."""
+    """An Add, Sum, Sub, Identity (or a Dropout that is one), Mul by a per-channel constant, or Concat, for the
+    structural rules (and for a BN after a layer through an Identity)."""
     def constant(name: str) -> bool:
         return not name or name in index.constants or (name in index.inputs and name in index.initializers)
 
     op = onnx_node.op_type
     names = list(onnx_node.input)
+    if op == "Dropout":
+        if not _inference_dropout(onnx_node, index):
+            return
+        op, names = "Identity", names[:1]
     if op in ("Add", "Sum") and len(names) > 1:
         names = [name for name in names if name not in zeros] or names[:1]
     operands = [(None, None) if constant(name) else (name, index.producer.get(name)) for name in names]
