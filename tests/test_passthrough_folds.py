@@ -123,3 +123,61 @@ def test_onnx_bns_fold_through_pass_through_nodes(between, opset):
 def test_onnx_pass_through_nodes_that_do_not_fold(between, extra_out):
     found = discover_graph(onnx_graph(between, 17, extra_out))
     assert not found.folds and [s.code for s in found.skips] == ["not-adjacent"]
+
+
+LAYOUT = """g ({inp}, float[3,2,1,1] w, float[{c}] s, float[{c}] b, float[{c}] m, float[{c}] v) => ({out}) {{
+    {body}
+}}"""
+FOLDS_THROUGH = {
+    # tf2onnx's NHWC graphs: every NCHW op between a Transpose pair; the pair between conv and BN cancels
+    "nhwc-transpose-pair": ("float[N,4,4,2] xin", """x = Transpose <perm = [0, 3, 1, 2]> (xin)
+    z = Conv (x, w)
+    t = Transpose <perm = [0, 2, 3, 1]> (z)
+    i = Transpose <perm = [0, 3, 1, 2]> (t)
+    n = BatchNormalization (i, s, b, m, v)
+    y = Transpose <perm = [0, 2, 3, 1]> (n)""", "float[N,4,4,3] y"),
+    "flatten": ("float[N,2,1,1] x", """z = Conv (x, w)
+    i = Flatten <axis = 1> (z)
+    y = BatchNormalization (i, s, b, m, v)""", "float[N,3] y"),
+    "reshape-keeping-channels": ("float[N,2,4,4] x", """z = Conv (x, w)
+    shape = Constant <value = int64[3] {0, 3, 16}> ()
+    i = Reshape (z, shape)
+    y = BatchNormalization (i, s, b, m, v)""", "float[N,3,16] y"),
+}
+BLOCKS = {
+    "a-lone-transpose": ("float[N,2,4,4] x", """z = Conv (x, w)
+    i = Transpose <perm = [0, 1, 3, 2]> (z)
+    y = BatchNormalization (i, s, b, m, v)""", "float[N,3,4,4] y", 3),
+    "a-reshape-that-moves-channels": ("float[N,2,4,4] x", """z = Conv (x, w)
+    shape = Constant <value = int64[4] {0, 6, 2, 4}> ()
+    i = Reshape (z, shape)
+    y = BatchNormalization (i, s, b, m, v)""", "float[N,6,2,4] y", 6),
+}
+
+
+def layout_graph(inp: str, body: str, out: str, channels: int = 3):
+    return build(header(17) + LAYOUT.format(inp=inp, body=body, out=out, c=channels), ("w", "s", "b", "m", "v"))
+
+
+@pytest.mark.parametrize("name", FOLDS_THROUGH)
+def test_onnx_bns_fold_through_layout_changes_that_keep_channels(name):
+    inp, body, out = FOLDS_THROUGH[name]
+    model = layout_graph(inp, body, out)
+    result = bnfold.fuse(model)
+    assert result.ok and len(result.folded) == 1
+    assert "BatchNormalization" not in [n.op_type for n in result.model.graph.node]
+    shape = (3, 4, 4, 2) if name.startswith("nhwc") else (3, 2, 1, 1) if name == "flatten" else (3, 2, 4, 4)
+    x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    name_in = model.graph.input[0].name
+    want, got = (ort.InferenceSession(m.SerializeToString(), options).run(None, {name_in: x})[0]
+                 for m in (model, result.model))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_onnx_layout_changes_that_move_channels_block_the_fold(name):
+    inp, body, out, channels = BLOCKS[name]
+    found = discover_graph(layout_graph(inp, body, out, channels))
+    assert not found.folds and [s.code for s in found.skips] == ["not-adjacent"]

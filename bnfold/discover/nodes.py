@@ -28,12 +28,15 @@ class Node:
     is_output: bool = False  # returned by the model
     # What the structural rules (:mod:`bnfold.discover.rules`) read; front-ends that cannot tell leave them unset.
     name: str = ""  # how the host finds this node again (an fx node name, an ONNX node label)
-    # Linear in its operands (add, sub, mul by a constant ``factor``, identity), or a concatenation.
-    op: Literal["add", "sub", "mul", "identity", "concat"] | None = None
+    # Linear in its operands (add, sub, mul by a constant ``factor``, identity), or a concatenation; or a layout
+    # change a BN can fold through (``transpose`` by ``perm``, followed by its inverse; ``reshape`` keeping axes 0
+    # and 1, so each (sample, channel) block is only re-laid out).
+    op: Literal["add", "sub", "mul", "identity", "concat", "transpose", "reshape"] | None = None
     operands: list[tuple[str | None, int | None]] = field(default_factory=list)  # (tensor id, producer) of data
     factor: Factor | None = None  # mul: the constant it multiplies by (per channel, or one number)
     source: str | None = None  # id of the data input tensor: two nodes with the same source read the same tensor
     axis: int | None = None  # concat: the axis, non-negative
+    perm: tuple[int, ...] | None = None  # transpose: the permutation
     rank: int | None = None  # rank of the output
     channels: int | None = None  # size of the output's axis 1
     refusal: Reason | None = None  # a conv/linear that cannot take a fold, or a BN that cannot fold at all, and why

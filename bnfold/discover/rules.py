@@ -92,17 +92,38 @@ def _source(bn_node: Node, nodes: dict[int, Node]) -> Node | None:
 
 
 def _passing(bn_node: Node, nodes: dict[int, Node]) -> list[Node]:
-    """The BN, then each Identity (an inference Dropout in ONNX, ``nn.Identity`` / an eval ``nn.Dropout`` in torch)
-    between it and the node that feeds it, innermost last: each read by the next alone, none a model output. A
-    fold through them is exact, and the BN's output name goes to the last of them."""
+    """The BN, then each pass-through node between it and the node that feeds it, innermost last: each read by
+    the next alone, none a model output. A pass-through is an Identity (an inference Dropout in ONNX,
+    ``nn.Identity`` / an eval ``nn.Dropout`` in torch), a Reshape or Flatten that keeps axes 0 and 1, or a
+    Transpose followed by its inverse (tf2onnx's NHWC pairs). A fold through them is exact: every element of a
+    channel stays in that channel. The BN's output name goes to the last of them."""
     chain = [bn_node]
     while chain[-1].input is not None:
-        src = nodes.get(chain[-1].input)
-        if (src is None or src.op != "identity" or src.layer is not None or src.bn is not None or src.is_output
-                or src.users != [chain[-1].key] or src.input is None):
+        src = _plain(nodes.get(chain[-1].input), chain[-1])
+        if src is None or src.op not in ("identity", "reshape", "transpose"):
             break
+        if src.op == "transpose":  # only as the second of an inverse pair
+            first = _plain(nodes.get(src.input), src) if src.input is not None else None
+            if first is None or first.op != "transpose" or not _inverse(first.perm, src.perm):
+                break
+            chain.append(src)
+            src = first
         chain.append(src)
     return chain
+
+
+def _plain(node: Node | None, reader: Node) -> Node | None:
+    """``node`` when it is no layer or BN, ``reader`` alone reads it, it is no model output and has a data input."""
+    if (node is None or node.layer is not None or node.bn is not None or node.is_output
+            or node.users != [reader.key] or node.input is None):
+        return None
+    return node
+
+
+def _inverse(first: tuple[int, ...] | None, second: tuple[int, ...] | None) -> bool:
+    """Whether transposing by ``first`` then by ``second`` gives the input back."""
+    return (first is not None and second is not None and len(first) == len(second)
+            and all(first[axis] == i for i, axis in enumerate(second)))
 
 
 def _linear_rank(layer: LayerRef, rank: int | None) -> Reason | None:

@@ -515,6 +515,8 @@ def translate(model: onnx.ModelProto) -> Translation:
         if standard and node.layer is None and onnx_node.op_type in ("Add", "Sum", "Sub", "Mul", "Identity",
                                                                      "Concat", "Dropout"):
             _mark_structure(node, onnx_node, index, zeros)
+        if standard and node.layer is None and onnx_node.op_type in _LAYOUT_OPS:
+            _mark_layout(node, onnx_node, shapes.get(data), out_shape)
         if standard and onnx_node.op_type == "BatchNormalization":
             node.bn, node.refusal = _bn_ref(onnx_node, label, index)
         elif standard and onnx_node.op_type in _LAYER_OPS and len(onnx_node.input) >= 2:
@@ -543,6 +545,31 @@ def translate(model: onnx.ModelProto) -> Translation:
               for pos, onnx_node in enumerate(index.nodes) for sub in _subgraphs(onnx_node)
               for label, inner in _labelled(sub, index.labels[pos]) if inner.op_type == "BatchNormalization"]
     return Translation(nodes, rows_as_input, nested, notes)
+
+
+_LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def _mark_layout(node: Node, onnx_node: onnx.NodeProto, in_shape: tuple[int | None, ...] | None,
+                 out_shape: tuple[int | None, ...] | None) -> None:
+    """A Transpose (with its permutation), or a reshaping op that keeps axes 0 and 1 (each (sample, channel) block
+    only re-laid out): what a BN can fold through (:func:`bnfold.discover.rules._passing`)."""
+    if onnx_node.op_type == "Transpose":
+        perm = attributes(onnx_node).get("perm")
+        if perm is None and in_shape is not None:
+            perm = list(reversed(range(len(in_shape))))
+        if perm is not None:
+            node.op, node.perm = "transpose", tuple(int(p) for p in perm)
+        return
+    if in_shape is None or out_shape is None or len(in_shape) < 2 or len(out_shape) < 2:
+        return
+    if in_shape[1] is None or in_shape[1] != out_shape[1]:
+        return
+    samples = in_shape[0] is not None and in_shape[0] == out_shape[0]
+    rest_in, rest_out = in_shape[2:], out_shape[2:]
+    same_rest = None not in rest_in and None not in rest_out and np.prod(rest_in) == np.prod(rest_out)
+    if samples or same_rest:  # with the channels equal, equal blocks leave the sample count as it was
+        node.op = "reshape"
 
 
 def _inference_dropout(node: onnx.NodeProto, index: GraphIndex) -> bool:
