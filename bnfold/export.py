@@ -31,7 +31,7 @@ from torch import nn
 
 from bnfold import audit
 from bnfold.compare import DEFAULT_TOLERANCES, Comparison
-from bnfold.discover.graph import Fold, Skip
+from bnfold.discover.graph import AffineFold, Fold, Skip
 from bnfold.errors import BnfoldError, InputSpecError, first_line
 from bnfold.findings import Finding
 from bnfold.fold.result import FuseResult
@@ -62,6 +62,7 @@ class ExportResult:
     findings: list[Finding] = field(default_factory=list)  # audit and ONNX findings
     torch_fold: FuseResult | None = None
     graph_folded: list[Fold] = field(default_factory=list)  # folds bnfold made in the exported graph
+    graph_affine: list[AffineFold] = field(default_factory=list)  # elementwise tails folded in the exported graph
     left: list[Skip] = field(default_factory=list)  # BatchNormalization nodes left in the written graph, and why
     parity: list[Comparison] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # what was written (the model, its external data)
@@ -88,6 +89,7 @@ class ExportResult:
             "torch_folded": [f.to_dict() for f in (fold.folded if fold else [])],
             "torch_skipped": [s.to_dict() for s in (fold.skipped if fold else [])],
             "graph_folded": [f.to_dict() for f in self.graph_folded],
+            "graph_affine": [a.to_dict() for a in self.graph_affine],
             "left": [s.to_dict() for s in self.left],
             "parity": [c.to_dict() for c in self.parity],
             "notes": list(self.notes),
@@ -256,7 +258,7 @@ def _export_and_prove(subject: Adapter, reference: Reference, output: Path, resu
                                   "choose an opset the exporter supports, or omit --opset")
             if fold:
                 folded = fold_graph(graph)
-                graph, result.graph_folded = folded.model, list(folded.folded)
+                graph, result.graph_folded, result.graph_affine = folded.model, list(folded.folded), list(folded.affine)
                 result.notes += folded.notes
             plan = discover_graph(graph)
             result.left = list(plan.skips) + [Skip(f.bn.name, f"foldable ({f.describe()}): left by --no-fold",

@@ -57,9 +57,11 @@ def render_fuse(result: FuseResult, console: Console, *, source: str, output: st
         else:
             status = "[green]merged[/green]" if fold.merge is not None else "[green]folded[/green]"
             table.add_row(escape(fold.bn.name), status, escape(fold.describe()))
+    for affine in result.affine:
+        table.add_row(escape(affine.name), "[green]folded[/green]", escape(f"affine: {affine.describe()}"))
     for skip in result.skipped:
         table.add_row(escape(skip.bn), "[yellow]skipped[/yellow]", escape(skip.reason))
-    if result.folded or result.skipped:
+    if result.folded or result.skipped or result.affine:
         console.print(table)
     else:
         console.print("No BatchNorm layers found.")
@@ -69,7 +71,8 @@ def render_fuse(result: FuseResult, console: Console, *, source: str, output: st
         console.print("Note: the model was handed over in training mode; it was folded and compared in eval mode",
                       highlight=False, soft_wrap=True)
     print_parity(console, result.parity)
-    summary = f"{len(result.folded)} folded, {len(result.skipped)} skipped (discovery: {result.discovery})"
+    affine = f", {len(result.affine)} affine folded" if result.affine else ""
+    summary = f"{len(result.folded)} folded{affine}, {len(result.skipped)} skipped (discovery: {result.discovery})"
     if result.ok:
         console.print(f"[green]PASSED[/green] | {summary}" + (f" | wrote {escape(output)}" if output else ""),
                       highlight=False,
@@ -204,7 +207,8 @@ def render_export(result: Any, console: Console, *, source: str, quiet: bool = F
             console.print(f"Note: {escape(note)}", highlight=False, soft_wrap=True)
     torch_folds = len(result.torch_fold.folded) if result.torch_fold else 0
     summary = (f"{source} -> ONNX ({result.exporter}) | {torch_folds} BN folded in PyTorch, {len(result.graph_folded)} "
-               f"in the graph, {len(result.left)} left")
+               f"in the graph, {len(result.left)} left" + (f", {len(result.graph_affine)} affine folded in the graph"
+                                                           if result.graph_affine else ""))
     if result.ok:
         console.print(f"[green]PASSED[/green] | {escape(summary)} | wrote {escape(', '.join(result.files))}",
                       highlight=False, soft_wrap=True)

@@ -190,14 +190,17 @@ def test_topologies_around_a_bias_node(name):
         assert result.model.graph.node[1].input[2] == "c0" != result.model.graph.node[0].input[2]
 
 
-def test_a_bias_node_without_a_bn_is_left_as_it_is():
+def test_a_bias_node_without_a_bn_becomes_the_layers_bias_as_an_affine_fold():
+    """No BN follows: the Add still goes into the Conv (onnxruntime's Conv-Add fusion), reported as an affine fold."""
     model = build(header() + """g (float[N,3,5,5] x, float[4,3,1,1] w, float[1,4,1,1] c) => (float[N,4,5,5] y) {
         z = Conv (x, w)
         y = Add (z, c)
     }""")
     result = fold_graph(model)
-    assert result.model.graph.node == model.graph.node and list(result.model.graph.initializer) == list(
-        model.graph.initializer)
+    assert not result.folded and [(a.layer, a.nodes, a.ops) for a in result.affine] == [("Conv#0", ("Add#1",),
+                                                                                           ("Add",))]
+    assert [n.op_type for n in result.model.graph.node] == ["Conv"] and result.model.graph.node[0].output == ["y"]
+    _check(model, result.model)
 
 
 # -- must not fold: an Add/Sub of a constant after a layer that is no bias -----------------------------------------------

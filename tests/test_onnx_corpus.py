@@ -15,22 +15,9 @@ from models.onnx_corpus import CORPUS, Left, example_feeds, left, parity, run_pl
 from tests.onnx_graphs import build
 
 # What bnfold's fold_graph leaves in each graph: (BatchNormalization nodes, affine chains), counted by
-# models.onnx_corpus.left. A ratchet: the test asserts "<=", so bnfold may only get better here; when a change
-# folds more, lower the entry to what it now leaves (scripts/bench_onnx_corpus.py prints the current counts).
-# The affine chains left are Mul/Add spellings bnfold did not fold when this table was written: tf2onnx's
-# Mul/Add behind a Transpose, FrozenBatchNorm2d's Mul/Add and the Sub/Div/Mul/Add BN, a scalar Mul + Add after
-# a Gemm.
-LEFT = {
-    "paddle2onnx": Left(bn=0, affine=0),
-    "tf2onnx_nhwc": Left(bn=0, affine=1),
-    "torch_opset9": Left(bn=0, affine=0),
-    "frozen_bn_mul_add": Left(bn=0, affine=2),
-    "ort_basic_output": Left(bn=0, affine=0),
-    "dynamo_unoptimized": Left(bn=0, affine=0),
-    "old_opset7_spatial": Left(bn=0, affine=0),
-    "old_ir3_opset9": Left(bn=0, affine=0),
-    "constant_value_floats": Left(bn=0, affine=1),
-}
+# models.onnx_corpus.left. A ratchet: the test asserts "<=", so bnfold may only get better here (it leaves nothing
+# in any graph of the corpus; scripts/bench_onnx_corpus.py prints the current counts).
+LEFT = {name: Left(bn=0, affine=0) for name in CORPUS}
 
 #: What each input graph holds (BN nodes, affine chains): the spelling the corpus promises, as left() sees it.
 SPELLED = {

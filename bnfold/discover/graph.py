@@ -10,11 +10,11 @@ The types live in :mod:`bnfold.discover.nodes` and are importable from here, whe
 
 from __future__ import annotations
 
-from bnfold.discover.nodes import MODEL_INPUT, MODEL_OUTPUT, Discovery, Factor, Fold, Merge, Node, Skip
+from bnfold.discover.nodes import MODEL_INPUT, MODEL_OUTPUT, AffineFold, Discovery, Factor, Fold, Merge, Node, Skip
 from bnfold.discover.reasons import Reason
 from bnfold.discover.rules import RULES, Rule, apply_merges, bn_reason, find_merges, not_adjacent
 
-__all__ = ["Discovery", "Factor", "Fold", "Merge", "Node", "Skip", "pair", "unrecognised"]
+__all__ = ["AffineFold", "Discovery", "Factor", "Fold", "Merge", "Node", "Skip", "pair", "unrecognised"]
 
 
 def unrecognised(discovery: Discovery, stat_paths: list[str]) -> Discovery:

@@ -135,6 +135,27 @@ class Fold:
 
 
 @dataclass(frozen=True)
+class AffineFold:
+    """Elementwise ops by per-channel constants after a layer, folded into it: a BatchNorm an exporter already
+    wrote out as ``x * s + t`` (FrozenBatchNorm2d, tf2onnx, onnxruntime's own output), ``(x - mean) / std * gamma +
+    beta`` written by hand, a layer scale, a bias ``Add``. Counted apart from BatchNorm folds."""
+
+    layer: str  # the layer that absorbs them
+    nodes: tuple[str, ...]  # the nodes taken out, in order
+    ops: tuple[str, ...]  # their operators
+
+    @property
+    def name(self) -> str:
+        return " -> ".join(self.nodes)
+
+    def describe(self) -> str:
+        return f"{' -> '.join(self.ops)} folded into {self.layer}"
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "nodes": list(self.nodes), "ops": list(self.ops)}
+
+
+@dataclass(frozen=True)
 class Skip:
     """A BN that is not folded: why, in words (``reason``), and the stable code of that cause (``code``, one of
     :data:`bnfold.discover.reasons.CODES`; ``"unclassified"`` for a skip made outside the rules)."""
@@ -173,6 +194,8 @@ class Discovery:
     graph: Any = None
     # Every merge of branches, those without a BN included (they remove convs, and appear in no Fold).
     merges: list[Merge] = field(default_factory=list)
+    # ONNX: each layer's affine tail (layer label -> bnfold.onnx.graph.Tail), which the ONNX host folds.
+    tails: dict[str, Any] = field(default_factory=dict)
 
     def merge_notes(self) -> list[str]:
         """What the folds do not say: merges of branches that held no BN."""

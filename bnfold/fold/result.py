@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bnfold.compare import Comparison
-from bnfold.discover.graph import Fold, Skip
+from bnfold.discover.graph import AffineFold, Fold, Skip
 
 
 @dataclass
@@ -21,6 +21,7 @@ class FuseResult:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     was_training: bool = False
+    affine: list[AffineFold] = field(default_factory=list)  # ONNX: elementwise tails folded into their layers
 
     @property
     def ok(self) -> bool:
@@ -36,6 +37,7 @@ class FuseResult:
             "was_training": self.was_training,
             "folded": [f.to_dict() for f in self.folded],
             "skipped": [s.to_dict() for s in self.skipped],
+            "affine": [a.to_dict() for a in self.affine],
             "parity": [c.to_dict() for c in self.parity],
             "notes": list(self.notes),
             "timings": dict(self.timings),

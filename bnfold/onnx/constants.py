@@ -8,8 +8,9 @@ tensors, the same on every run; once it is an initializer, the fold sees a const
 onnxslim constant-fold the same way (PyTorch is another matter: there a computed weight is no stored parameter).
 
 What is evaluated: an input that a fold reads (:data:`READ`: a Conv/ConvTranspose/Gemm weight and bias, a MatMul's
-weight, a BatchNormalization's scale, B, mean and var, the constant operand of an Add, Sub or Mul, such as a bias
-after a MatMul or a layer scale, when its value varies along one axis at most), read by a node that is not
+weight, a BatchNormalization's scale, B, mean and var, the constant operand of an Add, Sub or Mul, or the divisor
+of a Div, such as a bias after a MatMul, a layer scale or a hand-written BN's ``sqrt(var + eps)``, when its value
+varies along one axis at most), read by a node that is not
 itself computed from constants.
 
 Only what cannot surprise is evaluated: standard-domain operators from :data:`FOLDABLE_OPS` (shape and layout
@@ -40,8 +41,8 @@ FOLDABLE_OPS = frozenset({
 })
 #: The input slots of a node that a fold reads as constants, by operator.
 READ = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2, 3, 4),
-        "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1)}
-_PER_CHANNEL_READERS = ("Add", "Sub", "Mul")  # the structural rules read a per-channel constant, nothing larger
+        "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (1,)}
+_PER_CHANNEL_READERS = ("Add", "Sub", "Mul", "Div")  # the structural rules read a per-channel constant, nothing larger
 MAX_NODES = 64
 MAX_ELEMENTS = 1 << 24  # 64 MiB of float32 per tensor
 _STANDARD = ("", "ai.onnx")

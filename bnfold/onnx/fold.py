@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from bnfold.discover.graph import Discovery, Fold, Skip
+from bnfold.discover.graph import AffineFold, Discovery, Fold, Skip
 from bnfold.fold.apply import apply_plan
 from bnfold.onnx.constants import computed_constants, fold_computed_constants
 from bnfold.onnx.graph import OnnxHost, check_supported, plan, translate
@@ -25,6 +25,7 @@ class OnnxFoldResult:
     folded: list[Fold]
     skipped: list[Skip]
     notes: list[str] = field(default_factory=list)
+    affine: list[AffineFold] = field(default_factory=list)  # elementwise tails folded into their layers
 
 
 def discover_graph(model: onnx.ModelProto) -> Discovery:
@@ -90,7 +91,10 @@ def fold_graph(model: onnx.ModelProto, *, copy: bool = True) -> OnnxFoldResult:
         work = onnx.ModelProto()
         work.CopyFrom(model)
     found = _plan(work)
-    host = OnnxHost(work)
+    host = OnnxHost(work, found.tails)
+    merges = [*found.merges, *(f.merge for f in found.folds if f.merge is not None)]
+    affine, refused_tails = host.fold_tails({n for m in merges for n in (m.root, m.target_node, *m.removed)})
     # Folds are reported as discovered: the names the user knows (a shared weight's copy is in the notes).
     folded, refused = apply_plan(host, found.folds, found.merges)
-    return OnnxFoldResult(work, folded, refused + found.skips, found.notes + found.merge_notes() + host.notes)
+    return OnnxFoldResult(work, folded, refused + found.skips,
+                          found.notes + found.merge_notes() + refused_tails + host.notes, affine)

@@ -194,4 +194,4 @@ def _prove(folded: Any, path: Path, names: list[str], cases: list[tuple[str, tup
     if isinstance(got, OrtFailure):
         notes.append(f"the folded graph does not run in onnxruntime: {got.message}")
     return FuseResult(model=folded.model, folded=list(folded.folded), skipped=list(folded.skipped), parity=parity,
-                      discovery="onnx", notes=notes, timings=timings)
+                      discovery="onnx", notes=notes, timings=timings, affine=list(folded.affine))

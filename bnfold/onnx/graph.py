@@ -38,11 +38,12 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
-from bnfold.discover.graph import Discovery, Factor, Fold, Merge, Node, Skip, pair
+from bnfold.discover.graph import AffineFold, Discovery, Factor, Fold, Merge, Node, Skip, pair
 from bnfold.discover.reasons import Reason
 from bnfold.discover.rules import out_channels, per_channel
 from bnfold.errors import LoadError
 from bnfold.fold.apply import CannotFold
+from bnfold.fold.math import BNParams, fold_bn_after
 from bnfold.layers import BNRef, Geometry, LayerRef
 from bnfold.onnx.dims import fixed_size
 
@@ -326,59 +327,137 @@ def _padded(node: onnx.NodeProto) -> bool:
     return auto_pad in _PADDING_AUTO or any(p != 0 for p in attrs.get("pads", ()))
 
 
+#: The elementwise operators of an affine tail.
+_TAIL_OPS = ("Add", "Sub", "Mul", "Div")
+_SCALES = ("Mul", "Div")
+
+
 @dataclass(frozen=True)
-class _BiasNode:
-    """An ``Add``/``Sub`` that adds a constant to a layer's output: the layer's bias unless it says why not."""
+class Step:
+    """One node of an affine tail: an elementwise op with a constant, or a Transpose the tail reads through."""
 
     position: int
-    refusal: Reason | None = None
+    op: str  # "Mul", "Div", "Add", "Sub" or "Transpose"
+    constant: str | None = None
 
 
-def _bias_node(index: GraphIndex, position: int, layer: LayerRef, rank: int, axis: int,
-               shapes: dict[str, tuple[int | None, ...]]) -> _BiasNode | None:
-    """The bias node after layer ``position`` (see the module docstring), whose rank-``rank`` output has its channels
-    on ``axis``; with a refusal when it adds a constant but not as a bias; None when no node adds one."""
-    out, label, channels = index.nodes[position].output[0], index.labels[position], out_channels(layer)
+@dataclass(frozen=True)
+class Tail:
+    """The nodes after a layer that compute an affine map of its output, channel by channel (see the module
+    docstring), in order, each reading the previous one's output alone. ``refusal``: the node after them that
+    applies a constant but cannot join the tail, and why (a BN after that node says so); None when there is none."""
 
-    def per_channel_bias(shape: tuple[int | None, ...]) -> bool:
+    layer: LayerRef  # as translated: the layer's own tensors
+    position: int
+    steps: tuple[Step, ...]
+    matmul: bool = False
+    refusal: tuple[int, Reason] | None = None
+    # The leading steps that carry the layer in the pairing graph, so that a BN after them folds into it (the host
+    # folds the tail first): up to a Transpose; only shifts (a bias) unless a BatchNormalization reads the last.
+    carried: tuple[Step, ...] = ()
+
+    @property
+    def ops(self) -> tuple[Step, ...]:
+        """The elementwise steps (Transposes stay where they are)."""
+        return tuple(s for s in self.steps if s.op != "Transpose")
+
+    @property
+    def removes(self) -> int:
+        """How many nodes folding the tail takes out of the graph: every elementwise one, but for a MatMul (which
+        has no bias input) the one that then adds its bias."""
+        ops = self.ops
+        return len(ops) - (self.matmul and any(s.op not in _SCALES for s in ops))
+
+
+def _tail(index: GraphIndex, position: int, layer: LayerRef, rank: int, axis: int,
+          shapes: dict[str, tuple[int | None, ...]]) -> Tail | None:
+    """The affine tail after layer ``position``, whose rank-``rank`` output has its channels on ``axis``: the
+    ``Mul``/``Div``/``Add``/``Sub`` nodes by a constant that varies along the channel axis alone (a scalar too;
+    ``Div`` and ``Sub`` with the constant second), through ``Transpose`` nodes (the channel axis moves with them;
+    not after a MatMul, whose bias stays next to it). None when there is none and no node refuses to be one."""
+    matmul = index.nodes[position].op_type == "MatMul"
+    label, channels = index.labels[position], out_channels(layer)
+    steps: list[Step] = []
+    refusal: tuple[int, Reason] | None = None
+    out, through = index.nodes[position].output[0], False
+
+    def per_channel_constant(shape: tuple[int | None, ...]) -> bool:
         return None not in shape and per_channel(shape, rank, axis) and math.prod(shape) in (1, channels)
 
-    def adds_constant(reader: int, slot: int) -> bool:
-        """A would-be bias, not a sum of two data tensors: a constant, or a graph input shaped like a bias."""
+    def applies_constant(reader: int, slot: int) -> bool:
+        """An op with a would-be constant, not an op of two data tensors: a constant, or a graph input shaped
+        like a per-channel one."""
         node = index.nodes[reader]
-        if node.op_type not in ("Add", "Sub") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        if node.op_type not in _TAIL_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             return False
         other = node.input[1 - slot]
         return other != out and (other in index.constants or
-                                 (other in index.inputs and per_channel_bias(shapes.get(other, (None,)))))
+                                 (other in index.inputs and per_channel_constant(shapes.get(other, (None,)))))
 
-    found = next((read for read in index.readers.get(out, ()) if adds_constant(*read)), None)
-    if found is None:
+    while refusal is None:
+        reads = index.readers.get(out, ())
+        found = next((read for read in reads if applies_constant(*read)), None)
+        if found is None:  # through a Transpose that reads it alone, or the end
+            reader = index.nodes[reads[0][0]] if len(reads) == 1 else None
+            if (reader is None or matmul or index.users(out) != 1 or reader.op_type != "Transpose"
+                    or reader.domain not in ("", "ai.onnx")):
+                break
+            perm = [int(p) for p in attributes(reader).get("perm") or reversed(range(rank))]
+            if sorted(perm) != list(range(rank)):
+                break
+            axis, through = perm.index(axis), True
+            steps.append(Step(reads[0][0], "Transpose"))
+            out = reader.output[0]
+            continue
+        reader, slot = found
+        node = index.nodes[reader]
+        constant = node.input[1 - slot]
+        why = _not_in_tail(index, node, slot, out, constant, label, per_channel_constant, rank, axis, channels)
+        if why is not None:
+            refusal = None if through else (reader, why)  # after a Transpose no BN folds into the layer anyway
+            break
+        steps.append(Step(reader, node.op_type, constant))
+        out = node.output[0]
+    while steps and steps[-1].op == "Transpose":  # a Transpose after the last op is not part of the tail
+        steps.pop()
+    if not steps and refusal is None:
         return None
-    reader, slot = found
-    constant = index.nodes[reader].input[1 - slot]
+    carried = steps[:next((i for i, s in enumerate(steps) if s.op == "Transpose"), len(steps))]
+    last = index.nodes[carried[-1].position].output[0] if carried else None
+    if not any(index.nodes[p].op_type == "BatchNormalization" for p, _ in index.readers.get(last, ())):
+        # A scale carried would hide a layer scale from branch merging (which reads it as a factor): only a bias.
+        carried = carried[:next((i for i, s in enumerate(carried) if s.op in _SCALES), len(carried))]
+    return Tail(layer, position, tuple(steps), matmul, refusal if len(carried) == len(steps) else None,
+                tuple(carried))
 
-    def refused(code: str, text: str) -> _BiasNode:
-        return _BiasNode(reader, Reason(code, text))
 
-    if index.nodes[reader].op_type == "Sub" and slot == 1:
-        return refused("not-a-layer", f"constant '{constant}' is its first operand: '{constant}' - {label} negates "
-                       f"{label}'s output, it is not a bias (only {label} - constant is one)")
+def _not_in_tail(index: GraphIndex, node: onnx.NodeProto, slot: int, out: str, constant: str, label: str,
+                 per_channel_constant, rank: int, axis: int, channels: int | None) -> Reason | None:
+    """Why ``node``, which applies ``constant`` to ``out`` (``label``'s output, or its tail's), cannot join the tail."""
+    op = node.op_type
+    if op == "Sub" and slot == 1:
+        return Reason("not-a-layer", f"constant '{constant}' is its first operand: '{constant}' - {label} negates "
+                      f"{label}'s output, it is not a bias (only {label} - constant is one)")
+    if op == "Div" and slot == 1:
+        return Reason("not-a-layer", f"constant '{constant}' is its first operand: '{constant}' / {label} is not "
+                      f"affine in {label}'s output (only {label} / constant is a scale)")
     if index.users(out) != 1:
-        others = [index.labels[p] for p, _ in index.readers[out] if p != reader]
+        others = [index.labels[p] for p, _ in index.readers[out] if index.nodes[p] is not node]
         others += ["a subgraph"] * bool(index.nested.get(out)) + ["the model output"] * (out in index.outputs)
-        return refused("shared-output", f"operand {label} also feeds {', '.join(others)}: its constant "
-                       f"'{constant}' cannot become {label}'s bias without changing what those see")
-    reason = _float_param(index, constant, "bias")
+        return Reason("shared-output", f"operand {label} also feeds {', '.join(others)}: its constant "
+                      f"'{constant}' cannot become {label}'s {'bias' if op in ('Add', 'Sub') else 'scale'} without changing "
+                      "what those see")
+    reason = _float_param(index, constant, "bias" if op in ("Add", "Sub") else "scale")
     if reason is not None:
-        return refused(reason.code, reason.text)
+        return reason
     shape = index.constants[constant].shape
-    if not per_channel_bias(shape):
-        bias_shape = (1,) * axis + (channels,) + (1,) * (rank - axis - 1)
-        return refused("broadcast", f"constant '{constant}' of shape {shape} does not vary along {label}'s channel "
-                       f"axis alone (axis {axis} of its rank-{rank} output): it is not a per-channel bias, which has "
-                       f"shape {bias_shape} (or fewer leading 1s)")
-    return _BiasNode(reader)
+    if not per_channel_constant(shape):
+        wanted = (1,) * axis + (channels,) + (1,) * (rank - axis - 1)
+        what = "bias" if op in ("Add", "Sub") else "scale"
+        return Reason("broadcast", f"constant '{constant}' of shape {shape} does not vary along {label}'s channel "
+                      f"axis alone (axis {axis} of its rank-{rank} output): it is not a per-channel {what}, which has "
+                      f"shape {wanted} (or fewer leading 1s)")
+    return None
 
 
 def _output_axis(node: onnx.NodeProto, layer: LayerRef, ranks: dict[str, int]) -> tuple[int, int]:
@@ -398,6 +477,7 @@ class Translation:
     rows_as_input: set[str]  # Gemm labels with transA=1: a BN before them normalises rows, not features
     nested_bns: list[Skip]
     notes: list[str] = field(default_factory=list)
+    tails: dict[str, Tail] = field(default_factory=dict)  # layer label -> its affine tail (a step at least)
 
 
 def _layer_ref(node: onnx.NodeProto, position: int, index: GraphIndex,
@@ -498,7 +578,8 @@ def translate(model: onnx.ModelProto) -> Translation:
     zeros = _zero_constants(index)
     nodes: dict[int, Node] = {}
     rows_as_input: set[str] = set()
-    data_of: dict[int, str] = {}  # bias node position -> its data operand, the layer's output (either order)
+    data_of: dict[int, str] = {}  # tail node position -> its data operand (either order)
+    tails: dict[str, Tail] = {}
     for position, onnx_node in enumerate(index.nodes):
         label = index.labels[position]
         data = data_of.get(position) or (onnx_node.input[0] if onnx_node.input else "")
@@ -521,14 +602,11 @@ def translate(model: onnx.ModelProto) -> Translation:
             node.bn, node.refusal = _bn_ref(onnx_node, label, index)
         elif standard and onnx_node.op_type in _LAYER_OPS and len(onnx_node.input) >= 2:
             layer, node.refusal = _layer_ref(onnx_node, position, index, ranks)
-            found = _bias_node(index, position, layer, *_output_axis(onnx_node, layer, ranks), shapes) if layer else None
-            if found is not None:  # a bias node carries the same layer (a BN after it folds into both), or says why not
-                # Until the host makes its constant the layer's own (OnnxHost.claim_layer), the layer's bias is
-                # named by the node's output: not a constant, as a bias of the layer's own is.
-                layer = layer if found.refusal else dataclasses.replace(layer, bias=index.nodes[found.position].output[0])
-                nodes[found.position] = Node(key=found.position, label=index.labels[found.position],
-                                             layer=None if found.refusal else layer, refusal=found.refusal)
-                data_of[found.position] = onnx_node.output[0]
+            tail = _tail(index, position, layer, *_output_axis(onnx_node, layer, ranks), shapes) if layer else None
+            if tail is not None:
+                layer = _carry(tail, layer, index, nodes, data_of)
+                if tail.steps:
+                    tails[label] = tail
             node.layer = layer
             if onnx_node.op_type == "Gemm" and attributes(onnx_node).get("transA", 0) == 1:
                 rows_as_input.add(label)
@@ -544,7 +622,27 @@ def translate(model: onnx.ModelProto) -> Translation:
                           "graph only", "subgraph")
               for pos, onnx_node in enumerate(index.nodes) for sub in _subgraphs(onnx_node)
               for label, inner in _labelled(sub, index.labels[pos]) if inner.op_type == "BatchNormalization"]
-    return Translation(nodes, rows_as_input, nested, notes)
+    return Translation(nodes, rows_as_input, nested, notes, tails)
+
+
+def _carry(tail: Tail, layer: LayerRef, index: GraphIndex, nodes: dict[int, Node], data_of: dict[int, str]) -> LayerRef:
+    """Mark the tail's carried nodes in the pairing graph: each carries the layer (a BN after them folds into it,
+    and the host folds the tail first); the node that refuses to join says why. The layer as they carry it: until
+    the host folds the tail (:meth:`OnnxHost.claim_layer`), its bias is named by the last carried node's output,
+    not a constant as a bias of the layer's own is."""
+    carried = tail.carried
+    if carried:
+        layer = dataclasses.replace(layer, bias=index.nodes[carried[-1].position].output[0])
+    previous = index.nodes[tail.position].output[0]
+    for step in carried:
+        nodes[step.position] = Node(key=step.position, label=index.labels[step.position], layer=layer)
+        data_of[step.position] = previous
+        previous = index.nodes[step.position].output[0]
+    if tail.refusal is not None:
+        where, why = tail.refusal
+        nodes[where] = Node(key=where, label=index.labels[where], refusal=why)
+        data_of[where] = previous
+    return layer
 
 
 _LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -654,7 +752,7 @@ def plan(found: Translation) -> Discovery:
         else:
             folds.append(fold)
     return Discovery(folds=folds, skips=skips + found.nested_bns, method="onnx", notes=list(found.notes),
-                     merges=paired.merges, bns=paired.bns, neighbours=paired.neighbours)
+                     merges=paired.merges, bns=paired.bns, neighbours=paired.neighbours, tails=found.tails)
 
 
 # -- reading and writing tensors -----------------------------------------------------------------------------
@@ -726,8 +824,9 @@ class OnnxHost:
 
     rewrites = False  # edits this graph; never handed another one
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, tails: dict[str, Tail] | None = None) -> None:
         self.model = model
+        self._tails = dict(tails or {})  # layer label -> its affine tail (Discovery.tails), folded once
         graph = model.graph
         # The graph's nodes by position, edited in place, kept indexed by every edit below, listed again by finish().
         self._index = GraphIndex.of(graph)
@@ -736,9 +835,9 @@ class OnnxHost:
         self._dropped: set[int] = set()  # positions of removed nodes
         self._after: dict[int, list[int]] = {}  # position -> positions of the nodes inserted right after it
         self._bias_adds: dict[str, tuple[int, int]] = {}  # MatMul label -> (Add position, slot) of its bias
-        self._absorbed: set[str] = set()  # labels of layers whose bias node is their bias now (claim_layer)
-        # A bias that is the sum of a layer's own and its bias node's, in float64 until the fold writes it: the
-        # stored copy is rounded already, and the fold must round only once.
+        self._absorbed: set[str] = set()  # labels of layers whose tail is folded into them (claim_layer)
+        # A layer's weight and bias once its tail is folded in, in float64 until a BN fold writes them: the stored
+        # copies are rounded already, and the fold must round only once.
         self._exact: dict[str, torch.Tensor] = {}
         self._names = set(self._index.initializers) | self._index.inputs | set(self._index.outputs) | {
             name for _, node in _labelled(graph) for name in (*node.input, *node.output, node.name) if name}
@@ -814,29 +913,48 @@ class OnnxHost:
 
     # -- ONNX only
     def claim_layer(self, layer: LayerRef) -> LayerRef:
-        """``layer`` with its current tensors, each read by the layer alone (copied when shared).
+        """``layer`` with its current tensors, each read by the layer alone (copied when shared), its affine tail
+        folded in.
 
         A weight two nodes read must not change for the one that keeps its BN: the folding node gets a copy
         under a new name. The bias is looked up again, since an earlier fold into the same layer may have added
-        one. A bias node (see the module docstring) becomes the layer's own bias first (:meth:`_absorb_bias`).
+        one. The layer's affine tail (see the module docstring) is folded into it first (:meth:`_absorb_tail`).
         """
         position = self._by_label[layer.name]
-        self._absorb_bias(layer, position)
-        names: dict[str, str | None] = {}
-        for role, found in (("weight", (position, 1)), ("bias", self._bias_slot(layer, position))):
-            if found is None:
-                names[role] = None
+        weight = self._own(position, 1, layer.name, "weight")
+        self._absorb_tail(layer.name, position, weight)
+        found = self._bias_slot(layer, position)
+        bias = self._own(*found, layer.name, "bias") if found is not None else None
+        return dataclasses.replace(layer, weight=weight, bias=bias)
+
+    def fold_tails(self, keep: set[str] = frozenset()) -> tuple[list[AffineFold], list[str]]:
+        """Fold every affine tail that takes a node out of the graph into its layer, but those with a node in
+        ``keep`` (the nodes of planned merges, which name them): what was folded, and a note for each tail the
+        tensors refuse (it stays as it was)."""
+        folded, notes = [], []
+        for label, tail in self._tails.items():
+            labels = tuple(self._index.labels[s.position] for s in tail.ops)
+            if label in self._absorbed or tail.removes < 1 or keep.intersection((label, *labels)):
                 continue
-            reader, slot = found
-            name = self._index.nodes[reader].input[slot]
-            if self._index.users(name) > 1:
-                copy = self._new_initializer(f"{name}_{layer.name}", self._array(name))
-                self._rewire(reader, slot, copy)
-                self.notes.append(f"{layer.name}: {role} '{name}' is read by other nodes too; folded into a copy "
-                                  f"'{copy}'")
-                name = copy
-            names[role] = name
-        return dataclasses.replace(layer, weight=names["weight"], bias=names["bias"])
+            try:
+                self.claim_layer(tail.layer)
+            except CannotFold as exc:
+                notes.append(f"{' -> '.join(labels)} after {label} not folded: {exc}")
+                continue
+            folded.append(AffineFold(label, labels, tuple(s.op for s in tail.ops)))
+        return folded, notes
+
+    def _own(self, position: int, slot: int, label: str, role: str) -> str:
+        """The name the node at ``position`` reads at ``slot``, copied first when other nodes read it too."""
+        name = self._index.nodes[position].input[slot]
+        if self._index.users(name) > 1:
+            copy = self._new_initializer(f"{name}_{label}", self._array(name))
+            if name in self._exact:
+                self._exact[copy] = self._exact[name]
+            self._rewire(position, slot, copy)
+            self.notes.append(f"{label}: {role} '{name}' is read by other nodes too; folded into a copy '{copy}'")
+            name = copy
+        return name
 
     def merge(self, merge: Merge) -> None:
         """The merged conv writes the Add's output; the Add tree, the BNs and the other convs are dropped."""
@@ -890,45 +1008,82 @@ class OnnxHost:
             return (position, 2) if len(node.input) > 2 and node.input[2] else None
         return self._bias_adds.get(layer.name)
 
-    def _absorb_bias(self, layer: LayerRef, position: int) -> None:
-        """Make ``layer``'s bias node its own bias: ``b + c`` (``b - c`` after a Sub; ``b`` the layer's own bias, or
-        zero) in a new tensor the layer alone reads. A Conv, ConvTranspose or Gemm reads it as input B/C and writes
-        the bias node's output name, and the node goes; a MatMul's bias node becomes ``Add(matmul, bias)``. Exact:
-        only a sum with the layer's own bias rounds, and the fold reads it unrounded (:attr:`_exact`).
+    def _absorb_tail(self, label: str, position: int, weight: str) -> None:
+        """Fold the layer's affine tail into it, once: ``a * (W x + b) + c`` is ``(a W) x + (a b + c)``, with
+        ``a`` and ``c`` the product of the tail's scales and the sum of its shifts, per channel, in float64
+        (``b`` the layer's own bias, or zero; a Gemm's alpha and beta included). ``weight`` is the layer's own.
 
-        Translation names a layer with a bias node by that node's output as its bias (:func:`translate`): not a
-        constant, as a bias of the layer's own is, so the node is found here, not decided again."""
+        The tail's elementwise nodes go; the node before the first of them (the layer, or a Transpose the tail
+        reads through) writes the last one's output name. A MatMul, which has no bias input, keeps the last one
+        as ``Add(matmul, bias)`` when the tail shifts. Everything is checked before anything is written."""
+        tail = self._tails.get(label)
+        if tail is None or label in self._absorbed:
+            return
         node = self._index.nodes[position]
-        if layer.name in self._absorbed or layer.bias is None or layer.bias in self._index.constants:
-            return  # no bias node (a bias of its own is a constant), or absorbed by an earlier fold
-        readers = self._index.readers.get(node.output[0], [])
-        if len(readers) != 1 or self._index.nodes[readers[0][0]].output[:1] != [layer.bias]:
-            raise CannotFold(f"the node writing '{layer.bias}', {layer.name}'s bias, no longer reads its output alone")
-        add_position, data_slot = readers[0]
-        add = self._index.nodes[add_position]
-        sign = -1.0 if add.op_type == "Sub" else 1.0
-        value = torch.zeros(self._out_channels(layer, node), dtype=torch.float64)
-        value = value + sign * to_float64(self._array(add.input[1 - data_slot])).reshape(-1)
-        own = self._bias_slot(layer, position)
-        if own is not None:
-            value = value + self.get(node.input[own[1]])  # a Gemm's beta included
-        name = self._new_initializer(f"{layer.weight}_bias", to_stored(value, self._stored(layer.weight).data_type))
-        self._absorbed.add(layer.name)
-        if node.op_type == "MatMul":
-            with self._index.editing(add_position):
-                add.op_type = "Add"
-                del add.input[:]
-                add.input.extend([node.output[0], name])
-            self._bias_adds[layer.name] = (add_position, 1)
+        if any(p in self._dropped for p in (position, *(s.position for s in tail.steps))):
+            raise CannotFold(f"a node of {label}'s tail was already taken out by another fold")
+        channels = self._out_channels(tail.layer, node)
+        scale = torch.ones(channels, dtype=torch.float64)
+        shift = torch.zeros(channels, dtype=torch.float64)
+        for step in tail.ops:
+            value = to_float64(self._array(step.constant)).reshape(-1)
+            if value.numel() not in (1, channels):
+                raise CannotFold(f"constant '{step.constant}' has {value.numel()} values, {label} {channels} channels")
+            if not torch.isfinite(value).all() or (step.op == "Div" and (value == 0).any()):
+                raise CannotFold(f"constant '{step.constant}' of {self._index.labels[step.position]} is not finite "
+                                 "(or divides by zero)")
+            if step.op in _SCALES:
+                value = value if step.op == "Mul" else 1.0 / value
+                scale, shift = scale * value, shift * value
+            else:
+                shift = shift + (value if step.op == "Add" else -value)
+        own = self._bias_slot(tail.layer, position)
+        bias = self.get(node.input[own[1]]) if own is not None else None
+        stats = BNParams(mean=torch.zeros(channels, dtype=torch.float64), var=torch.ones(channels, dtype=torch.float64),
+                         eps=0.0, gamma=scale, beta=shift)  # BN(z) = scale * z + shift, exactly
+        groups = tail.layer.groups if tail.layer.kind == "conv_transpose" else 1
+        try:  # in float64: the host presents every tensor so
+            new_w, new_b = fold_bn_after(self.get(weight), bias, stats, channel_axis=tail.layer.out_channel_axis,
+                                         groups=groups)
+        except ValueError as exc:
+            raise CannotFold(str(exc)) from None
+        stored = FLOAT_TYPES[self._stored(weight).data_type]
+        if not (torch.isfinite(new_w.to(stored)).all() and torch.isfinite(new_b.to(stored)).all()):
+            raise CannotFold(f"the weights of {label} overflow {stored} once its tail is folded in")
+        shifts = any(s.op not in _SCALES for s in tail.ops) or own is not None
+        self._absorbed.add(label)
+        self.set(weight, new_w)
+        self._exact[weight] = new_w
+        ops = [s.position for s in tail.ops]
+        last = self._index.nodes[ops[-1]]
+        if tail.matmul and shifts:  # the last elementwise node adds the MatMul's bias
+            name = self._new_initializer(f"{weight}_bias", to_stored(new_b, self._stored(weight).data_type))
+            with self._index.editing(ops[-1]):
+                last.op_type = "Add"
+                del last.input[:]
+                last.input.extend([node.output[0], name])
+            self._bias_adds[label] = (ops[-1], 1)
+            self._exact[name] = new_b
+            ops = ops[:-1]
+            written = None
         else:
-            self._index.forget(add_position)
-            self._dropped.add(add_position)
+            written = last.output[0]
+        for gone in ops:
+            self._index.forget(gone)
+            self._dropped.add(gone)
+        kept = [position, *(s.position for s in tail.steps if s.op == "Transpose")]
+        for before, after in zip(kept, kept[1:]):  # each Transpose reads the node kept before it
+            self._rewire(after, 0, self._index.nodes[before].output[0])
+        if written is not None:
+            with self._index.editing(kept[-1]) as writer:
+                writer.output[0] = written
+        if shifts and not tail.matmul:  # the new bias: input B of a Conv/ConvTranspose, C of a Gemm
+            name = self._new_initializer(f"{weight}_bias", to_stored(new_b, self._stored(weight).data_type))
             with self._index.editing(position):
                 node.input.extend([""] * (3 - len(node.input)))
                 node.input[2] = name
-                node.output[0] = add.output[0]
-        self.set(name, value)  # through set(): a Gemm's beta becomes 1 once it lives in the tensor
-        self._exact[name] = value
+            self.set(name, new_b)  # through set(): a Gemm's beta becomes 1 once it lives in the tensor
+            self._exact[name] = new_b
 
     def _out_channels(self, layer: LayerRef, node: onnx.NodeProto) -> int:
         """``layer``'s output channels, from its weight as stored (a Gemm B or MatMul weight ``(K, N)``: N)."""
