@@ -20,8 +20,8 @@ from bnfold.errors import BnfoldError, first_line
 from bnfold.findings import code_range
 from bnfold.fold.result import FuseResult
 from bnfold.options import ExportOptions, FuseOptions, InspectOptions, RecalibrateOptions, VerifyOptions, from_cli
-from bnfold.report import (export_document, fuse_document, github_annotations, inspect_document, junit_xml,
-                           render_export, render_fuse, render_inspect, render_recalibrate, render_verify,
+from bnfold.report import (export_document, fuse_counts, fuse_document, github_annotations, inspect_document,
+                           junit_xml, render_export, render_fuse, render_inspect, render_recalibrate, render_verify,
                            verify_document, write_json)
 from bnfold.save import write_atomic
 from bnfold.signals import Terminated, handle_signals
@@ -200,9 +200,8 @@ def _report_fuse(result: FuseResult, console: Console, model_path: Path, written
                  json_path: Path | None, quiet: bool, **document: Any) -> None:
     """The verdict line (-q) or the table and parity lines, and the JSON report."""
     if quiet:
-        console.print(("PASSED" if result.ok else "FAILED") + f" | {len(result.folded)} folded, "
-                      f"{len(result.skipped)} skipped" + (f" | wrote {escape(written)}" if written else ""),
-                      soft_wrap=True)
+        console.print(("PASSED" if result.ok else "FAILED") + f" | {fuse_counts(result)}"
+                      + (f" | wrote {escape(written)}" if written else ""), soft_wrap=True)
     else:
         render_fuse(result, console, source=str(model_path), output=written)
     if json_path is not None:

@@ -45,6 +45,12 @@ def print_parity(console: Console, comparisons: list[Comparison]) -> None:
                           soft_wrap=True)
 
 
+def fuse_counts(result: FuseResult) -> str:
+    """``3 folded, 2 affine folded, 1 skipped``: BN folds, affine tails (when there are any), skips."""
+    affine = f", {len(result.affine)} affine folded" if result.affine else ""
+    return f"{len(result.folded)} folded{affine}, {len(result.skipped)} skipped"
+
+
 def render_fuse(result: FuseResult, console: Console, *, source: str, output: str | None) -> None:
     table = Table(title=f"BatchNorm folding: {escape(source)}", title_justify="left", expand=False)
     table.add_column("BatchNorm", style="bold")
@@ -71,8 +77,7 @@ def render_fuse(result: FuseResult, console: Console, *, source: str, output: st
         console.print("Note: the model was handed over in training mode; it was folded and compared in eval mode",
                       highlight=False, soft_wrap=True)
     print_parity(console, result.parity)
-    affine = f", {len(result.affine)} affine folded" if result.affine else ""
-    summary = f"{len(result.folded)} folded{affine}, {len(result.skipped)} skipped (discovery: {result.discovery})"
+    summary = f"{fuse_counts(result)} (discovery: {result.discovery})"
     if result.ok:
         console.print(f"[green]PASSED[/green] | {summary}" + (f" | wrote {escape(output)}" if output else ""),
                       highlight=False,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnfold
-from bnfold.onnx.fold import discover_graph
+from bnfold.onnx.fold import discover_graph, fold_graph
 from tests.onnx_graphs import build, header
 
 X = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -181,3 +181,12 @@ def test_onnx_layout_changes_that_move_channels_block_the_fold(name):
     inp, body, out, channels = BLOCKS[name]
     found = discover_graph(layout_graph(inp, body, out, channels))
     assert not found.folds and [s.code for s in found.skips] == ["not-adjacent"]
+
+
+def test_the_transpose_pair_a_bn_folded_through_goes_too():
+    """tf2onnx's pair around the BN undoes itself once the BN is gone: Conv -> Transpose, as onnxruntime leaves it."""
+    inp, body, out = FOLDS_THROUGH["nhwc-transpose-pair"]
+    result = fold_graph(layout_graph(inp, body, out))
+    assert [n.op_type for n in result.model.graph.node] == ["Transpose", "Conv", "Transpose"]
+    assert result.model.graph.node[-1].output == ["y"]
+

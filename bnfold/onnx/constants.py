@@ -126,7 +126,7 @@ def fold_computed_constants(model: onnx.ModelProto) -> list[str]:
         ops = ", ".join(sorted({index.nodes[i].op_type for i in chain[0]}))
         notes.append(f"{index.labels[position]}: {'its inputs' if len(roots) > 1 else 'its input'} "
                      f"{', '.join(repr(r) for r in roots)} computed from constants alone ({len(chain[0])} node(s): "
-                     f"{ops}) {'were' if len(roots) > 1 else 'was'} evaluated once, so that a BN can fold with it")
+                     f"{ops}) {'were' if len(roots) > 1 else 'was'} evaluated once, so that a fold can read it")
     if drop:
         _replace(graph, index, drop, leaves, values)
     return notes

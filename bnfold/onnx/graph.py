@@ -2,16 +2,19 @@
 
 :func:`translate` makes one :class:`~bnfold.discover.graph.Node` per ONNX node of the main graph, with a
 ``LayerRef`` on Conv, ConvTranspose, Gemm and MatMul and a ``BNRef`` on BatchNormalization; :func:`plan` pairs them
-with the shared rules. A layer followed by a *bias node* is one layer, carried by both nodes: an ``Add`` (either
-operand order) or a ``Sub`` (``layer - c``) of a constant ``c`` that varies along the layer's output channel axis
-alone (axis 1 of a Conv/ConvTranspose output, the last axis of a Gemm/MatMul one; a scalar too), the layer's output
-read by that node alone, as exporters such as paddle2onnx write every bias. Folding makes ``c`` (``-c``) the layer's
-bias, added to its own (:meth:`OnnxHost.claim_layer`). What the shared rules cannot see is ONNX-specific and decided
+with the shared rules. A layer may be followed by an *affine tail* (:func:`_tail`): ``Mul``, ``Div``, ``Add`` and
+``Sub`` nodes by constants that vary along its output channel axis alone (axis 1 of a Conv/ConvTranspose output,
+the last of a Gemm/MatMul one; scalars too; ``Div`` and ``Sub`` with the constant second), each reading the
+previous node's output alone, possibly through ``Transpose`` nodes (tf2onnx's NHWC graphs; the channel axis moves
+with them): a BN an exporter already wrote out (FrozenBatchNorm2d, Keras), a layer scale, a bias ``Add`` as
+paddle2onnx writes every one. The host folds the tail into the layer (:meth:`OnnxHost.fold_tails`, and
+:meth:`OnnxHost.claim_layer` before a BN folds into it); its leading nodes *carry* the layer in the pairing graph,
+so a BN after them folds as if it followed the layer. What the shared rules cannot see is ONNX-specific and decided
 here, each as a node's refusal: a parameter that is not a constant (a graph input, an initializer also listed as a
 graph input, the output of a node), ``spatial=0`` (opsets 7 and 8), ``training_mode=1``, a Gemm with ``transA=1``
-(its input rows are not features), a MatMul without a constant 2-D weight or of unknown rank, and an ``Add``/``Sub``
-of a constant after a layer that is no bias (``c - layer``, a constant that broadcasts over other axes, a layer
-output read elsewhere too, a "constant" fed at run time).
+(its input rows are not features), a MatMul without a constant 2-D weight or of unknown rank, and an op of a
+constant after a layer that cannot join its tail (``c - layer``, a constant that broadcasts over other axes, a
+layer output read elsewhere too, a "constant" fed at run time).
 
 A graph is indexed in one place, :class:`GraphIndex` (producer and readers of every name, constants, inputs,
 outputs), and its nodes are labelled in one place, :func:`node_labels`; every module that walks an ONNX graph
@@ -808,6 +811,11 @@ def _layout(node: onnx.NodeProto, slot: int) -> _Layout:
     return _IDENTITY
 
 
+def _undo(first: Sequence[int], second: Sequence[int]) -> bool:
+    """Whether transposing by ``first`` then by ``second`` gives the input back."""
+    return len(first) == len(second) and all(first[axis] == i for i, axis in enumerate(second))
+
+
 def _set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
     kept = [a for a in node.attribute if a.name != name]
     del node.attribute[:]
@@ -893,8 +901,20 @@ class OnnxHost:
         return name
 
     def remove_bn(self, ref: BNRef) -> None:
-        """Take the BatchNormalization out: its input takes over its output name, or its readers read its input."""
+        """Take the BatchNormalization out: its input takes over its output name, or its readers read its input.
+        A BN that folded through a Transpose and its inverse leaves the two next to each other: they go too."""
         position = self._by_label[ref.name]
+        source = self._index.nodes[position].input[0]
+        self._bypass(position)
+        producer = self._index.producer.get(source)
+        if producer is None:  # renamed: the producer writes the BN's output now
+            producer = self._index.producer.get(self._index.nodes[position].output[0])
+        if producer is not None:
+            self._cancel_inverse(producer)
+
+    def _bypass(self, position: int) -> None:
+        """Take the one-input node at ``position`` out: its input's producer writes its output name (when nothing
+        else reads the input), or its readers read its input."""
         node = self._index.nodes[position]
         source, result = node.input[0], node.output[0]
         producer = self._index.producer.get(source)
@@ -904,12 +924,34 @@ class OnnxHost:
                              "cannot be renamed to it")
         self._index.forget(position)
         self._dropped.add(position)
-        if renamable:  # the producer writes the BN's output name: graph outputs and subgraph reads keep working
+        if renamable:  # the producer writes the node's output name: graph outputs and subgraph reads keep working
             with self._index.editing(producer) as writer:
                 writer.output[list(writer.output).index(source)] = result
             return
         for reader, slot in list(self._index.readers.get(result, ())):
             self._rewire(reader, slot, source)
+
+    def _cancel_inverse(self, second: int) -> None:
+        """Drop the Transpose at ``second`` and the one before it when they undo each other (tf2onnx's pair around a
+        BN, once the BN is gone) and nothing else reads the first one's output; otherwise leave both."""
+        node = self._index.nodes[second]
+        first = self._index.producer.get(node.input[0]) if node.input else None
+        if first is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            return
+        before = self._index.nodes[first]
+        if (before.op_type != "Transpose" or before.domain not in ("", "ai.onnx") or self._index.users(node.input[0]) != 1
+                or node.input[0] in self._index.outputs):
+            return
+        perms = [attributes(n).get("perm") for n in (before, node)]
+        if None in perms or not _undo(perms[0], perms[1]):
+            return
+        source, result = before.input[0], node.output[0]
+        producer = self._index.producer.get(source)
+        renamable = producer is not None and source not in self._index.outputs and self._index.users(source) == 1
+        if not renamable and (result in self._index.outputs or result in self._index.nested):
+            return
+        self._bypass(second)  # ``first`` now writes ``result``
+        self._bypass(first)
 
     # -- ONNX only
     def claim_layer(self, layer: LayerRef) -> LayerRef:
