@@ -104,7 +104,7 @@ def _passing(bn_node: Node, nodes: dict[int, Node]) -> list[Node]:
             break
         if src.op == "transpose":  # only as the second of an inverse pair
             first = _plain(nodes.get(src.input), src) if src.input is not None else None
-            if first is None or first.op != "transpose" or not _inverse(first.perm, src.perm):
+            if first is None or first.op != "transpose" or not inverse(first.perm, src.perm):
                 break
             chain.append(src)
             src = first
@@ -120,7 +120,7 @@ def _plain(node: Node | None, reader: Node) -> Node | None:
     return node
 
 
-def _inverse(first: tuple[int, ...] | None, second: tuple[int, ...] | None) -> bool:
+def inverse(first: tuple[int, ...] | None, second: tuple[int, ...] | None) -> bool:
     """Whether transposing by ``first`` then by ``second`` gives the input back."""
     return (first is not None and second is not None and len(first) == len(second)
             and all(first[axis] == i for i, axis in enumerate(second)))

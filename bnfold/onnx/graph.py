@@ -43,7 +43,7 @@ from onnx import TensorProto, numpy_helper
 
 from bnfold.discover.graph import AffineFold, Discovery, Factor, Fold, Merge, Node, Skip, pair
 from bnfold.discover.reasons import Reason
-from bnfold.discover.rules import out_channels, per_channel
+from bnfold.discover.rules import inverse, out_channels, per_channel
 from bnfold.errors import LoadError
 from bnfold.fold.apply import CannotFold
 from bnfold.fold.math import BNParams, fold_bn_after
@@ -447,9 +447,9 @@ def _not_in_tail(index: GraphIndex, node: onnx.NodeProto, slot: int, out: str, c
     if index.users(out) != 1:
         others = [index.labels[p] for p, _ in index.readers[out] if index.nodes[p] is not node]
         others += ["a subgraph"] * bool(index.nested.get(out)) + ["the model output"] * (out in index.outputs)
+        role = "bias" if op in ("Add", "Sub") else "scale"
         return Reason("shared-output", f"operand {label} also feeds {', '.join(others)}: its constant "
-                      f"'{constant}' cannot become {label}'s {'bias' if op in ('Add', 'Sub') else 'scale'} without changing "
-                      "what those see")
+                      f"'{constant}' cannot become {label}'s {role} without changing what those see")
     reason = _float_param(index, constant, "bias" if op in ("Add", "Sub") else "scale")
     if reason is not None:
         return reason
@@ -485,7 +485,7 @@ class Translation:
 
 def _layer_ref(node: onnx.NodeProto, position: int, index: GraphIndex,
                ranks: dict[str, int]) -> tuple[LayerRef | None, Reason | None]:
-    """(the layer, why it cannot fold); its bias node, if any, is :func:`_bias_node`'s."""
+    """(the layer, why it cannot fold); its affine tail, if any, is :func:`_tail`'s."""
     op, label, attrs = node.op_type, index.labels[position], attributes(node)
     inputs = list(node.input) + [""] * 3
     if op == "MatMul" and inputs[0] in index.constants and inputs[1] not in index.constants:
@@ -811,11 +811,6 @@ def _layout(node: onnx.NodeProto, slot: int) -> _Layout:
     return _IDENTITY
 
 
-def _undo(first: Sequence[int], second: Sequence[int]) -> bool:
-    """Whether transposing by ``first`` then by ``second`` gives the input back."""
-    return len(first) == len(second) and all(first[axis] == i for i, axis in enumerate(second))
-
-
 def _set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
     kept = [a for a in node.attribute if a.name != name]
     del node.attribute[:]
@@ -918,8 +913,8 @@ class OnnxHost:
         node = self._index.nodes[position]
         source, result = node.input[0], node.output[0]
         producer = self._index.producer.get(source)
-        renamable = producer is not None and source not in self._index.outputs and self._index.users(source) == 1
-        if not renamable and (result in self._index.outputs or result in self._index.nested):
+        renamable = self._renamable(source)
+        if not renamable and not self._rewirable(result):
             raise CannotFold(f"output '{result}' is a graph output or read inside a subgraph, and input '{source}' "
                              "cannot be renamed to it")
         self._index.forget(position)
@@ -931,6 +926,14 @@ class OnnxHost:
         for reader, slot in list(self._index.readers.get(result, ())):
             self._rewire(reader, slot, source)
 
+    def _renamable(self, name: str) -> bool:
+        """Whether the node writing ``name`` may write another name instead: nothing else reads ``name``."""
+        return name in self._index.producer and name not in self._index.outputs and self._index.users(name) == 1
+
+    def _rewirable(self, name: str) -> bool:
+        """Whether every reader of ``name`` can be made to read another name: no graph output, no subgraph."""
+        return name not in self._index.outputs and name not in self._index.nested
+
     def _cancel_inverse(self, second: int) -> None:
         """Drop the Transpose at ``second`` and the one before it when they undo each other (tf2onnx's pair around a
         BN, once the BN is gone) and nothing else reads the first one's output; otherwise leave both."""
@@ -939,16 +942,12 @@ class OnnxHost:
         if first is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
             return
         before = self._index.nodes[first]
-        if (before.op_type != "Transpose" or before.domain not in ("", "ai.onnx") or self._index.users(node.input[0]) != 1
-                or node.input[0] in self._index.outputs):
+        if before.op_type != "Transpose" or before.domain not in ("", "ai.onnx") or not self._renamable(node.input[0]):
             return
         perms = [attributes(n).get("perm") for n in (before, node)]
-        if None in perms or not _undo(perms[0], perms[1]):
+        if None in perms or not inverse(tuple(perms[0]), tuple(perms[1])):
             return
-        source, result = before.input[0], node.output[0]
-        producer = self._index.producer.get(source)
-        renamable = producer is not None and source not in self._index.outputs and self._index.users(source) == 1
-        if not renamable and (result in self._index.outputs or result in self._index.nested):
+        if not self._renamable(before.input[0]) and not self._rewirable(node.output[0]):
             return
         self._bypass(second)  # ``first`` now writes ``result``
         self._bypass(first)
@@ -1043,7 +1042,7 @@ class OnnxHost:
             node.input[slot] = name
 
     def _bias_slot(self, layer: LayerRef, position: int) -> tuple[int, int] | None:
-        """Where ``layer``'s bias is read once its bias node is absorbed: (node position, input slot), None when it
+        """Where ``layer``'s bias is read once its tail is folded in: (node position, input slot), None when it
         has none."""
         node = self._index.nodes[position]
         if node.op_type != "MatMul":
