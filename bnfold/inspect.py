@@ -235,6 +235,8 @@ def inspect(model: Any, example_inputs: tuple[torch.Tensor, ...] | list[InputSpe
              for s in found.skips if s.bn not in known]
     _mark_merges(rows)
     notes += _unseen_modules(adapter, {r.name for r in rows})
+    notes += [f"affine tail {' -> '.join(s.label for s in tail.ops)} ({' -> '.join(s.op for s in tail.ops)}) after "
+              f"{layer}: folds into {layer}" for layer, tail in found.tails.items() if tail.removes]
     report = InspectReport(adapter.kind, found.method, rows, notes=notes)
     if data is not None:
         _add_drift(report, adapter, data, samples)

@@ -246,3 +246,8 @@ def test_value_info_of_the_tail_is_dropped():
     result = fold_graph(inferred)
     assert [v.name for v in result.model.graph.value_info if v.name == "m"] == []
     _check(inferred, result.model)
+
+
+def test_inspect_says_which_affine_tails_would_fold():
+    report = bnfold.inspect(FOLDS["frozen_bn"][0])
+    assert "affine tail Mul#1 -> Add#2 (Mul -> Add) after Conv#0: folds into Conv#0" in report.notes

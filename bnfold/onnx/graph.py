@@ -340,6 +340,7 @@ class Step:
     """One node of an affine tail: an elementwise op with a constant, or a Transpose the tail reads through."""
 
     position: int
+    label: str
     op: str  # "Mul", "Div", "Add", "Sub" or "Transpose"
     constant: str | None = None
 
@@ -409,7 +410,7 @@ def _tail(index: GraphIndex, position: int, layer: LayerRef, rank: int, axis: in
             if sorted(perm) != list(range(rank)):
                 break
             axis, through = perm.index(axis), True
-            steps.append(Step(reads[0][0], "Transpose"))
+            steps.append(Step(reads[0][0], index.labels[reads[0][0]], "Transpose"))
             out = reader.output[0]
             continue
         reader, slot = found
@@ -419,7 +420,7 @@ def _tail(index: GraphIndex, position: int, layer: LayerRef, rank: int, axis: in
         if why is not None:
             refusal = None if through else (reader, why)  # after a Transpose no BN folds into the layer anyway
             break
-        steps.append(Step(reader, node.op_type, constant))
+        steps.append(Step(reader, index.labels[reader], node.op_type, constant))
         out = node.output[0]
     while steps and steps[-1].op == "Transpose":  # a Transpose after the last op is not part of the tail
         steps.pop()
@@ -974,7 +975,7 @@ class OnnxHost:
         tensors refuse (it stays as it was)."""
         folded, notes = [], []
         for label, tail in self._tails.items():
-            labels = tuple(self._index.labels[s.position] for s in tail.ops)
+            labels = tuple(s.label for s in tail.ops)
             if label in self._absorbed or tail.removes < 1 or keep.intersection((label, *labels)):
                 continue
             try:
