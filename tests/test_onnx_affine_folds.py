@@ -188,15 +188,22 @@ def test_what_is_not_a_per_channel_affine_tail_is_kept(name):
         _check(model, result.model)
 
 
-def test_a_layer_scale_inside_a_branch_merge_is_left_to_the_merge():
-    """RepVGG-style sum whose conv branch is scaled: the Mul is a factor of the merge, not a tail to fold first."""
-    model = build(header() + """g (float[N,4,5,5] x, float[4,4,3,3] w, float[4,4,1,1] w1, float[1,4,1,1] s)
-                                => (float[N,4,5,5] y) {
-        a = Conv <pads = [1,1,1,1]> (x, w)
-        b = Conv (x, w1)
-        m = Mul (b, s)
-        y = Add (a, m)
-    }""")
+@pytest.mark.parametrize("scaled", ["a", "b"], ids=["on-the-target-conv", "on-the-other-conv"])
+def test_a_layer_scale_inside_a_branch_merge_is_left_to_the_merge(scaled):
+    """RepVGG-style sum with a scaled branch: the Mul is a factor of the merge, not a tail to fold first, whether it
+    scales the conv the others merge into (the 3x3) or another one."""
+    a, b = ("m = Mul (a0, s)", "b = Conv (x, w1)") if scaled == "a" else ("a = Conv <pads = [1,1,1,1]> (x, w)",
+                                                                          "m = Mul (b0, s)")
+    first = "a0 = Conv <pads = [1,1,1,1]> (x, w)" if scaled == "a" else a
+    second = b if scaled == "a" else "b0 = Conv (x, w1)"
+    mul, total = (a, "y = Add (m, b)") if scaled == "a" else (b, "y = Add (a, m)")
+    model = build(header() + f"""g (float[N,4,5,5] x, float[4,4,3,3] w, float[4,4,1,1] w1, float[1,4,1,1] s)
+                                => (float[N,4,5,5] y) {{
+        {first}
+        {second}
+        {mul}
+        {total}
+    }}""")
     result = fold_graph(model)
     assert [n.op_type for n in result.model.graph.node] == ["Conv"] and result.affine == []
     _check(model, result.model)

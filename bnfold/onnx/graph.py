@@ -960,11 +960,18 @@ class OnnxHost:
 
         A weight two nodes read must not change for the one that keeps its BN: the folding node gets a copy
         under a new name. The bias is looked up again, since an earlier fold into the same layer may have added
-        one. The layer's affine tail (see the module docstring) is folded into it first (:meth:`_absorb_tail`).
+        one. The nodes of the layer's affine tail that carry it (see the module docstring) are folded into it
+        first (:meth:`_absorb_tail`): a BN after them folds as if it followed the layer. The rest of the tail is
+        :meth:`fold_tails`'s (a scale in a sum that branch merging reads is left to the merge).
         """
+        return self._claim(layer, whole=False)
+
+    def _claim(self, layer: LayerRef, *, whole: bool) -> LayerRef:
         position = self._by_label[layer.name]
         weight = self._own(position, 1, layer.name, "weight")
-        self._absorb_tail(layer.name, position, weight)
+        tail = self._tails.get(layer.name)
+        if tail is not None and layer.name not in self._absorbed:
+            self._absorb_tail(tail, weight, tail.steps if whole else tail.carried)
         found = self._bias_slot(layer, position)
         bias = self._own(*found, layer.name, "bias") if found is not None else None
         return dataclasses.replace(layer, weight=weight, bias=bias)
@@ -979,7 +986,7 @@ class OnnxHost:
             if label in self._absorbed or tail.removes < 1 or keep.intersection((label, *labels)):
                 continue
             try:
-                self.claim_layer(tail.layer)
+                self._claim(tail.layer, whole=True)
             except CannotFold as exc:
                 notes.append(f"{' -> '.join(labels)} after {label} not folded: {exc}")
                 continue
@@ -1050,24 +1057,26 @@ class OnnxHost:
             return (position, 2) if len(node.input) > 2 and node.input[2] else None
         return self._bias_adds.get(layer.name)
 
-    def _absorb_tail(self, label: str, position: int, weight: str) -> None:
-        """Fold the layer's affine tail into it, once: ``a * (W x + b) + c`` is ``(a W) x + (a b + c)``, with
-        ``a`` and ``c`` the product of the tail's scales and the sum of its shifts, per channel, in float64
-        (``b`` the layer's own bias, or zero; a Gemm's alpha and beta included). ``weight`` is the layer's own.
+    def _absorb_tail(self, tail: Tail, weight: str, steps: tuple[Step, ...]) -> None:
+        """Fold ``steps`` (the layer's whole affine tail, or its carried nodes) into the layer, once: ``a * (W x +
+        b) + c`` is ``(a W) x + (a b + c)``, with ``a`` and ``c`` the product of the scales and the sum of the
+        shifts, per channel, in float64 (``b`` the layer's own bias, or zero; a Gemm's alpha and beta included).
+        ``weight`` is the layer's own.
 
-        The tail's elementwise nodes go; the node before the first of them (the layer, or a Transpose the tail
-        reads through) writes the last one's output name. A MatMul, which has no bias input, keeps the last one
-        as ``Add(matmul, bias)`` when the tail shifts. Everything is checked before anything is written."""
-        tail = self._tails.get(label)
-        if tail is None or label in self._absorbed:
+        The elementwise nodes go; the node before the first of them (the layer, or a Transpose the tail reads
+        through) writes the last one's output name. A MatMul, which has no bias input, keeps the last one as
+        ``Add(matmul, bias)`` when the tail shifts. Everything is checked before anything is written."""
+        label, position = self._index.labels[tail.position], tail.position
+        if not steps:
             return
         node = self._index.nodes[position]
-        if any(p in self._dropped for p in (position, *(s.position for s in tail.steps))):
+        if any(p in self._dropped for p in (position, *(s.position for s in steps))):
             raise CannotFold(f"a node of {label}'s tail was already taken out by another fold")
+        ops_steps = [s for s in steps if s.op != "Transpose"]
         channels = self._out_channels(tail.layer, node)
         scale = torch.ones(channels, dtype=torch.float64)
         shift = torch.zeros(channels, dtype=torch.float64)
-        for step in tail.ops:
+        for step in ops_steps:
             value = to_float64(self._array(step.constant)).reshape(-1)
             if value.numel() not in (1, channels):
                 raise CannotFold(f"constant '{step.constant}' has {value.numel()} values, {label} {channels} channels")
@@ -1092,11 +1101,11 @@ class OnnxHost:
         stored = FLOAT_TYPES[self._stored(weight).data_type]
         if not (torch.isfinite(new_w.to(stored)).all() and torch.isfinite(new_b.to(stored)).all()):
             raise CannotFold(f"the weights of {label} overflow {stored} once its tail is folded in")
-        shifts = any(s.op not in _SCALES for s in tail.ops) or own is not None
+        shifts = any(s.op not in _SCALES for s in ops_steps) or own is not None
         self._absorbed.add(label)
         self.set(weight, new_w)
         self._exact[weight] = new_w
-        ops = [s.position for s in tail.ops]
+        ops = [s.position for s in ops_steps]
         last = self._index.nodes[ops[-1]]
         if tail.matmul and shifts:  # the last elementwise node adds the MatMul's bias
             name = self._new_initializer(f"{weight}_bias", to_stored(new_b, self._stored(weight).data_type))
@@ -1113,7 +1122,7 @@ class OnnxHost:
         for gone in ops:
             self._index.forget(gone)
             self._dropped.add(gone)
-        kept = [position, *(s.position for s in tail.steps if s.op == "Transpose")]
+        kept = [position, *(s.position for s in steps if s.op == "Transpose")]
         for before, after in zip(kept, kept[1:]):  # each Transpose reads the node kept before it
             self._rewire(after, 0, self._index.nodes[before].output[0])
         if written is not None:
