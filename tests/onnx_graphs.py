@@ -270,7 +270,11 @@ def _check(original: onnx.ModelProto, folded: onnx.ModelProto, atol: float = ATO
     inputs = feeds(original)
     for ref, got in zip(run(original, inputs), run(folded, inputs)):
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-        error, limit = np.abs(got64 - ref64).max(), atol + rtol * np.abs(ref64).max()
+        finite = np.isfinite(ref64)  # an Inf or NaN must stay one, and not make the tolerance infinite
+        assert np.array_equal(finite, np.isfinite(got64)), "the folded graph differs in which outputs are finite"
+        assert np.array_equal(ref64[~finite], got64[~finite], equal_nan=True), "the non-finite outputs differ"
+        error = np.abs(got64 - ref64)[finite].max(initial=0.0)
+        limit = atol + rtol * np.abs(ref64[finite]).max(initial=0.0)
         assert error <= limit, f"max error {error:.3g} > {limit:.3g}"
 
 

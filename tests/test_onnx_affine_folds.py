@@ -11,6 +11,7 @@ check (``tests.onnx_graphs._check``), and by which nodes are left. Each negative
 from __future__ import annotations
 
 import numpy as np
+import onnx.parser
 import onnx
 import pytest
 from hypothesis import given, settings
@@ -258,3 +259,15 @@ def test_value_info_of_the_tail_is_dropped():
 def test_inspect_says_which_affine_tails_would_fold():
     report = bnfold.inspect(FOLDS["frozen_bn"][0])
     assert "affine tail Mul#1 -> Add#2 (Mul -> Add) after Conv#0: folds into Conv#0" in report.notes
+
+
+def test_a_constant_of_another_float_type_is_not_folded():
+    """A double constant after a float Gemm is an ill-typed graph: bnfold does not make it a valid one."""
+    model = onnx.parser.parse_model(header() + """g (float[N,3] x) => (float[N,4] y) {
+        w = Constant <value = float[4,3] {1,2,3,4,5,6,7,8,9,10,11,12}> ()
+        s = Constant <value = double[4] {0.5, 1.5, 2.0, 0.25}> ()
+        z = Gemm <transB = 1> (x, w)
+        y = Mul (z, s)
+    }""")
+    result = fold_graph(model)
+    assert result.affine == [] and [n.op_type for n in result.model.graph.node].count("Mul") == 1

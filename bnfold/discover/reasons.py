@@ -45,6 +45,7 @@ CODES: dict[str, str] = {
                      "at inference (BN009)",
     "spatial": "ONNX BatchNormalization with spatial=0: statistics per (channel, position)",
     "not-float": "a parameter's element type is not float, float16, bfloat16 or double",
+    "dtype-mismatch": "a constant after a layer has another element type than the layer (an ill-typed ONNX graph)",
     "weight-shape": "the weight of a MatMul/Gemm is not a 2-D constant",
     "transposed-input": "it feeds a Gemm with transA=1: its channels are the Gemm's output rows, not its features",
     "subgraph": "it is inside an ONNX subgraph (If, Loop, Scan); bnfold folds the main graph only",

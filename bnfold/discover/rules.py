@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from bnfold.discover.nodes import Branch, Factor, Fold, Merge, Node, Part
 from bnfold.discover.reasons import Reason
@@ -250,19 +250,27 @@ def _tree(root: Node, nodes: dict[int, Node], ops: tuple[str, ...] = _LINEAR) ->
     leaves: list[_Leaf] = []
     inner: list[int] = []
 
-    def walk(node: Node, sign: int, factors: tuple[Factor, ...]) -> None:
+    def operands(node: Node, sign: int, factors: tuple[Factor, ...]) -> Iterator[tuple[Node, int, str | None,
+                                                                                       int | None, int, tuple]]:
         if node.op == "mul" and node.factor is not None:
             factors = (*factors, node.factor)
         for position, (ident, key) in enumerate(node.operands):
-            branch_sign = -sign if node.op == "sub" and position == 1 else sign
-            child = nodes.get(key) if key is not None else None
-            if child is not None and child.op in ops and _only_reader(child, {node.key}):
-                inner.append(child.key)
-                walk(child, branch_sign, factors)
-            else:
-                leaves.append(_Leaf(ident, key, branch_sign, factors))
+            yield node, position, ident, key, -sign if node.op == "sub" and position == 1 else sign, factors
 
-    walk(root, 1, ())
+    # Depth first, operands in order, without recursion: an exporter may write a chain of thousands of Adds.
+    stack = [operands(root, 1, ())]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        node, _, ident, key, sign, factors = item
+        child = nodes.get(key) if key is not None else None
+        if child is not None and child.op in ops and _only_reader(child, {node.key}):
+            inner.append(child.key)
+            stack.append(operands(child, sign, factors))
+        else:
+            leaves.append(_Leaf(ident, key, sign, factors))
     return leaves, inner
 
 

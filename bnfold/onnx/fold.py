@@ -14,7 +14,7 @@ import onnx
 from bnfold.discover.graph import AffineFold, Discovery, Fold, Skip
 from bnfold.fold.apply import apply_plan
 from bnfold.onnx.constants import computed_constants, fold_computed_constants
-from bnfold.onnx.graph import OnnxHost, check_supported, plan, translate
+from bnfold.onnx.graph import OnnxHost, check_supported, node_labels, plan, translate
 
 
 @dataclass
@@ -37,8 +37,8 @@ def discover_graph(model: onnx.ModelProto) -> Discovery:
     if computed_constants(model) or listed_defaults(model):  # planned as fold_graph folds it, on a copy
         work = onnx.ModelProto()
         work.CopyFrom(model)
-        return _plan(work)
-    return _plan(model)
+        return _plan(work)[0]
+    return _plan(model)[0]
 
 
 def listed_defaults(model: onnx.ModelProto) -> list[str]:
@@ -65,15 +65,35 @@ def _unlist_defaults(work: onnx.ModelProto) -> list[str]:
             "constants, as onnxruntime reads them; written as IR 4, which lists only the inputs a caller feeds"]
 
 
-def _plan(work: onnx.ModelProto) -> Discovery:
+def _plan(work: onnx.ModelProto) -> tuple[Discovery, set[str]]:
     """Read an IR < 4 model's listed initializers as constants, evaluate the parameters ``work`` computes from
     constants (both in place: ``work`` is a copy, or the model has neither; :mod:`bnfold.onnx.constants`), then
-    pair."""
+    pair. Evaluating takes nodes out, which would move the ``OpType#index`` labels of unnamed nodes: they are named
+    by their labels first, so every fold and skip names a node as the user's graph does (:func:`_unname` takes
+    those names away again); the plan, and the names given."""
+    given = _name_by_label(work) if computed_constants(work) else set()
     unlisted = _unlist_defaults(work)
     evaluated = fold_computed_constants(work)
     found = plan(translate(work))
     found.notes = unlisted + evaluated + found.notes
-    return found
+    return found, given
+
+
+def _name_by_label(work: onnx.ModelProto) -> set[str]:
+    """Name every unnamed node by its label (in place); the names given."""
+    given = set()
+    for label, node in zip(node_labels(work.graph.node), work.graph.node):
+        if not node.name:
+            node.name = label
+            given.add(label)
+    return given
+
+
+def _unname(work: onnx.ModelProto, given: set[str]) -> None:
+    """Take away the names :func:`_name_by_label` gave: the output keeps the input's unnamed nodes unnamed."""
+    for node in work.graph.node:
+        if node.name in given:
+            node.name = ""
 
 
 def fold_graph(model: onnx.ModelProto, *, copy: bool = True) -> OnnxFoldResult:
@@ -90,11 +110,12 @@ def fold_graph(model: onnx.ModelProto, *, copy: bool = True) -> OnnxFoldResult:
     if copy:
         work = onnx.ModelProto()
         work.CopyFrom(model)
-    found = _plan(work)
+    found, given = _plan(work)
     host = OnnxHost(work, found.tails)
     merges = [*found.merges, *(f.merge for f in found.folds if f.merge is not None)]
     affine, refused_tails = host.fold_tails({n for m in merges for n in (m.root, m.target_node, *m.removed)})
     # Folds are reported as discovered: the names the user knows (a shared weight's copy is in the notes).
     folded, refused = apply_plan(host, found.folds, found.merges)
+    _unname(work, given)
     return OnnxFoldResult(work, folded, refused + found.skips,
                           found.notes + found.merge_notes() + refused_tails + host.notes, affine)

@@ -416,7 +416,8 @@ def _tail(index: GraphIndex, position: int, layer: LayerRef, rank: int, axis: in
         reader, slot = found
         node = index.nodes[reader]
         constant = node.input[1 - slot]
-        why = _not_in_tail(index, node, slot, out, constant, label, per_channel_constant, rank, axis, channels)
+        why = _not_in_tail(index, node, slot, out, constant, label, per_channel_constant, rank, axis, channels,
+                           index.constants[layer.weight].data_type)
         if why is not None:
             refusal = None if through else (reader, why)  # after a Transpose no BN folds into the layer anyway
             break
@@ -436,7 +437,7 @@ def _tail(index: GraphIndex, position: int, layer: LayerRef, rank: int, axis: in
 
 
 def _not_in_tail(index: GraphIndex, node: onnx.NodeProto, slot: int, out: str, constant: str, label: str,
-                 per_channel_constant, rank: int, axis: int, channels: int | None) -> Reason | None:
+                 per_channel_constant, rank: int, axis: int, channels: int | None, dtype: int) -> Reason | None:
     """Why ``node``, which applies ``constant`` to ``out`` (``label``'s output, or its tail's), cannot join the tail."""
     op = node.op_type
     if op == "Sub" and slot == 1:
@@ -454,6 +455,10 @@ def _not_in_tail(index: GraphIndex, node: onnx.NodeProto, slot: int, out: str, c
     reason = _float_param(index, constant, "bias" if op in ("Add", "Sub") else "scale")
     if reason is not None:
         return reason
+    if index.constants[constant].data_type != dtype:
+        return Reason("dtype-mismatch", f"constant '{constant}' has element type "
+                      f"{_type_name(index.constants[constant].data_type)}, {label}'s weight {_type_name(dtype)}: an "
+                      "ill-typed graph, which bnfold does not fold")
     shape = index.constants[constant].shape
     if not per_channel_constant(shape):
         wanted = (1,) * axis + (channels,) + (1,) * (rank - axis - 1)
@@ -860,6 +865,17 @@ class OnnxHost:
             value = value * layout.scale
         return value.T if layout.transpose else value
 
+    def _get_at(self, position: int, slot: int) -> torch.Tensor:
+        """What the node at ``position`` reads at ``slot``, in torch's layout and float64, as :meth:`get` shows it
+        (whatever other readers of the same tensor make of it)."""
+        name = self._index.nodes[position].input[slot]
+        if name in self._exact:
+            return self._exact[name].clone()
+        layout = _layout(self._index.nodes[position], slot)
+        value = to_float64(self._array(name))
+        value = value * layout.scale if layout.scale != 1.0 else value
+        return value.T if layout.transpose else value
+
     def set(self, path: str, value: torch.Tensor) -> None:
         readers = self._index.reading(path)
         layout = _layout(*readers[0]) if readers else _IDENTITY
@@ -968,10 +984,10 @@ class OnnxHost:
 
     def _claim(self, layer: LayerRef, *, whole: bool) -> LayerRef:
         position = self._by_label[layer.name]
-        weight = self._own(position, 1, layer.name, "weight")
         tail = self._tails.get(layer.name)
         if tail is not None and layer.name not in self._absorbed:
-            self._absorb_tail(tail, weight, tail.steps if whole else tail.carried)
+            self._absorb_tail(tail, tail.steps if whole else tail.carried)
+        weight = self._own(position, 1, layer.name, "weight")
         found = self._bias_slot(layer, position)
         bias = self._own(*found, layer.name, "bias") if found is not None else None
         return dataclasses.replace(layer, weight=weight, bias=bias)
@@ -1057,11 +1073,11 @@ class OnnxHost:
             return (position, 2) if len(node.input) > 2 and node.input[2] else None
         return self._bias_adds.get(layer.name)
 
-    def _absorb_tail(self, tail: Tail, weight: str, steps: tuple[Step, ...]) -> None:
+    def _absorb_tail(self, tail: Tail, steps: tuple[Step, ...]) -> None:
         """Fold ``steps`` (the layer's whole affine tail, or its carried nodes) into the layer, once: ``a * (W x +
         b) + c`` is ``(a W) x + (a b + c)``, with ``a`` and ``c`` the product of the scales and the sum of the
         shifts, per channel, in float64 (``b`` the layer's own bias, or zero; a Gemm's alpha and beta included).
-        ``weight`` is the layer's own.
+        A weight other nodes read too is copied first, once the fold is sure.
 
         The elementwise nodes go; the node before the first of them (the layer, or a Transpose the tail reads
         through) writes the last one's output name. A MatMul, which has no bias input, keeps the last one as
@@ -1089,18 +1105,19 @@ class OnnxHost:
             else:
                 shift = shift + (value if step.op == "Add" else -value)
         own = self._bias_slot(tail.layer, position)
-        bias = self.get(node.input[own[1]]) if own is not None else None
+        bias = self._get_at(*own) if own is not None else None
         stats = BNParams(mean=torch.zeros(channels, dtype=torch.float64), var=torch.ones(channels, dtype=torch.float64),
                          eps=0.0, gamma=scale, beta=shift)  # BN(z) = scale * z + shift, exactly
         groups = tail.layer.groups if tail.layer.kind == "conv_transpose" else 1
         try:  # in float64: the host presents every tensor so
-            new_w, new_b = fold_bn_after(self.get(weight), bias, stats, channel_axis=tail.layer.out_channel_axis,
-                                         groups=groups)
+            new_w, new_b = fold_bn_after(self._get_at(position, 1), bias, stats,
+                                         channel_axis=tail.layer.out_channel_axis, groups=groups)
         except ValueError as exc:
             raise CannotFold(str(exc)) from None
-        stored = FLOAT_TYPES[self._stored(weight).data_type]
+        stored = FLOAT_TYPES[self._stored(node.input[1]).data_type]
         if not (torch.isfinite(new_w.to(stored)).all() and torch.isfinite(new_b.to(stored)).all()):
             raise CannotFold(f"the weights of {label} overflow {stored} once its tail is folded in")
+        weight = self._own(position, 1, label, "weight")  # checked: now the layer's tensors may be written
         shifts = any(s.op not in _SCALES for s in ops_steps) or own is not None
         self._absorbed.add(label)
         self.set(weight, new_w)
