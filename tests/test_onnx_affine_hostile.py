@@ -233,3 +233,16 @@ def test_fuse_proves_an_nhwc_tail_and_leaves_its_input_alone():
     result = bnfold.fuse(model)
     assert result and len(result.affine) == 1
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("body", [
+    "z = Gemm <beta = 2.0, transB = 1> (x, w, c)\n    y = Add (z, c)",  # the tail's constant is the Gemm's C
+    "z = Gemm <beta = 2.0, transB = 1> (x, w, c)\n    y = Mul (z, s)\n    y2 = Gemm <beta = 0.5, transB = 1> (x, w, c)",
+], ids=["constant-is-c", "c-shared-with-another-beta"])
+def test_a_gemm_c_read_in_several_layouts_still_folds(body):
+    """Each tensor is read as the folding Gemm reads it (its beta), whatever other readers make of it."""
+    outputs = "float[N,4] y" + (", float[N,4] y2" if "y2" in body else "")
+    model = graph("float[N,3] x, float[4,3] w, float[4] c, float[4] s", body, outputs)
+    result = fold_graph(model)
+    assert len(result.affine) == 1 and "Mul" not in [n.op_type for n in result.model.graph.node]
+    _check(model, result.model)
