@@ -250,12 +250,12 @@ def _tree(root: Node, nodes: dict[int, Node], ops: tuple[str, ...] = _LINEAR) ->
     leaves: list[_Leaf] = []
     inner: list[int] = []
 
-    def operands(node: Node, sign: int, factors: tuple[Factor, ...]) -> Iterator[tuple[Node, int, str | None,
+    def operands(node: Node, sign: int, factors: tuple[Factor, ...]) -> Iterator[tuple[Node, str | None,
                                                                                        int | None, int, tuple]]:
         if node.op == "mul" and node.factor is not None:
             factors = (*factors, node.factor)
         for position, (ident, key) in enumerate(node.operands):
-            yield node, position, ident, key, -sign if node.op == "sub" and position == 1 else sign, factors
+            yield node, ident, key, -sign if node.op == "sub" and position == 1 else sign, factors
 
     # Depth first, operands in order, without recursion: an exporter may write a chain of thousands of Adds.
     stack = [operands(root, 1, ())]
@@ -264,7 +264,7 @@ def _tree(root: Node, nodes: dict[int, Node], ops: tuple[str, ...] = _LINEAR) ->
         if item is None:
             stack.pop()
             continue
-        node, _, ident, key, sign, factors = item
+        node, ident, key, sign, factors = item
         child = nodes.get(key) if key is not None else None
         if child is not None and child.op in ops and _only_reader(child, {node.key}):
             inner.append(child.key)

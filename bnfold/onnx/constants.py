@@ -10,8 +10,7 @@ onnxslim constant-fold the same way (PyTorch is another matter: there a computed
 What is evaluated: an input that a fold reads (:data:`READ`: a Conv/ConvTranspose/Gemm weight and bias, a MatMul's
 weight, a BatchNormalization's scale, B, mean and var, the constant operand of an Add, Sub or Mul, or the divisor
 of a Div, such as a bias after a MatMul, a layer scale or a hand-written BN's ``sqrt(var + eps)``, when its value
-varies along one axis at most), read by a node that is not
-itself computed from constants.
+varies along one axis at most), read by a node that is not itself computed from constants.
 
 Only what cannot surprise is evaluated: standard-domain operators from :data:`FOLDABLE_OPS` (shape and layout
 operators, casts, arithmetic, reductions, normalisation; nothing random), no subgraphs, reading initializers that

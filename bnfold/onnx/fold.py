@@ -34,11 +34,12 @@ def discover_graph(model: onnx.ModelProto) -> Discovery:
     Raises :class:`bnfold.errors.LoadError` for a model bnfold cannot fold (opset, unknown operators).
     """
     check_supported(model)
-    if computed_constants(model) or listed_defaults(model):  # planned as fold_graph folds it, on a copy
+    computed = computed_constants(model)
+    if computed or listed_defaults(model):  # planned as fold_graph folds it, on a copy
         work = onnx.ModelProto()
         work.CopyFrom(model)
-        return _plan(work)[0]
-    return _plan(model)[0]
+        return _plan(work, computed)[0]
+    return _plan(model, computed)[0]
 
 
 def listed_defaults(model: onnx.ModelProto) -> list[str]:
@@ -65,13 +66,15 @@ def _unlist_defaults(work: onnx.ModelProto) -> list[str]:
             "constants, as onnxruntime reads them; written as IR 4, which lists only the inputs a caller feeds"]
 
 
-def _plan(work: onnx.ModelProto) -> tuple[Discovery, set[str]]:
+def _plan(work: onnx.ModelProto, computed: bool | None = None) -> tuple[Discovery, set[str]]:
     """Read an IR < 4 model's listed initializers as constants, evaluate the parameters ``work`` computes from
     constants (both in place: ``work`` is a copy, or the model has neither; :mod:`bnfold.onnx.constants`), then
     pair. Evaluating takes nodes out, which would move the ``OpType#index`` labels of unnamed nodes: they are named
     by their labels first, so every fold and skip names a node as the user's graph does (:func:`_unname` takes
-    those names away again); the plan, and the names given."""
-    given = _name_by_label(work) if computed_constants(work) else set()
+    those names away again); the plan, and the names given. ``computed``: whether ``work`` computes constants,
+    when the caller has asked already."""
+    computed = computed_constants(work) if computed is None else computed
+    given = _name_by_label(work) if computed else set()
     unlisted = _unlist_defaults(work)
     evaluated = fold_computed_constants(work)
     found = plan(translate(work))

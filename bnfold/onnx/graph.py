@@ -859,21 +859,21 @@ class OnnxHost:
         layouts = {_layout(node, slot) for node, slot in self._index.reading(path)} or {_IDENTITY}
         if len(layouts) > 1:
             raise CannotFold(f"tensor '{path}' is read in different layouts by several nodes")
-        layout = layouts.pop()
-        value = to_float64(self._array(path))
-        if layout.scale != 1.0:
-            value = value * layout.scale
-        return value.T if layout.transpose else value
+        return self._shown(path, layouts.pop())
 
     def _get_at(self, position: int, slot: int) -> torch.Tensor:
-        """What the node at ``position`` reads at ``slot``, in torch's layout and float64, as :meth:`get` shows it
-        (whatever other readers of the same tensor make of it)."""
+        """What the node at ``position`` reads at ``slot``, as :meth:`get` shows it (whatever other readers of the
+        same tensor make of it)."""
         name = self._index.nodes[position].input[slot]
         if name in self._exact:
             return self._exact[name].clone()
-        layout = _layout(self._index.nodes[position], slot)
+        return self._shown(name, _layout(self._index.nodes[position], slot))
+
+    def _shown(self, name: str, layout: _Layout) -> torch.Tensor:
+        """The stored tensor ``name`` in float64, as ``layout`` presents it to the math."""
         value = to_float64(self._array(name))
-        value = value * layout.scale if layout.scale != 1.0 else value
+        if layout.scale != 1.0:
+            value = value * layout.scale
         return value.T if layout.transpose else value
 
     def set(self, path: str, value: torch.Tensor) -> None:
@@ -1122,20 +1122,19 @@ class OnnxHost:
         self._absorbed.add(label)
         self.set(weight, new_w)
         self._exact[weight] = new_w
+        bias_name = None
+        if shifts:
+            bias_name = self._new_initializer(f"{weight}_bias", to_stored(new_b, self._stored(weight).data_type))
         ops = [s.position for s in ops_steps]
         last = self._index.nodes[ops[-1]]
-        if tail.matmul and shifts:  # the last elementwise node adds the MatMul's bias
-            name = self._new_initializer(f"{weight}_bias", to_stored(new_b, self._stored(weight).data_type))
+        written = last.output[0]
+        if tail.matmul and bias_name is not None:  # the last elementwise node adds the MatMul's bias
             with self._index.editing(ops[-1]):
                 last.op_type = "Add"
                 del last.input[:]
-                last.input.extend([node.output[0], name])
+                last.input.extend([node.output[0], bias_name])
             self._bias_adds[label] = (ops[-1], 1)
-            self._exact[name] = new_b
-            ops = ops[:-1]
-            written = None
-        else:
-            written = last.output[0]
+            ops, written = ops[:-1], None
         for gone in ops:
             self._index.forget(gone)
             self._dropped.add(gone)
@@ -1145,13 +1144,13 @@ class OnnxHost:
         if written is not None:
             with self._index.editing(kept[-1]) as writer:
                 writer.output[0] = written
-        if shifts and not tail.matmul:  # the new bias: input B of a Conv/ConvTranspose, C of a Gemm
-            name = self._new_initializer(f"{weight}_bias", to_stored(new_b, self._stored(weight).data_type))
+        if bias_name is not None and not tail.matmul:  # input B of a Conv/ConvTranspose, C of a Gemm
             with self._index.editing(position):
                 node.input.extend([""] * (3 - len(node.input)))
-                node.input[2] = name
-            self.set(name, new_b)  # through set(): a Gemm's beta becomes 1 once it lives in the tensor
-            self._exact[name] = new_b
+                node.input[2] = bias_name
+            self.set(bias_name, new_b)  # through set(): a Gemm's beta becomes 1 once it lives in the tensor
+        if bias_name is not None:
+            self._exact[bias_name] = new_b
 
     def _out_channels(self, layer: LayerRef, node: onnx.NodeProto) -> int:
         """``layer``'s output channels, from its weight as stored (a Gemm B or MatMul weight ``(K, N)``: N)."""
